@@ -1,0 +1,132 @@
+//! `cargo xtask …`: everything a developer, CI or an operator runs, in one place, so that
+//! the README's two commands work on a fresh machine.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+mod setup;
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", about = "Broflake egress project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Install what the tests need (idempotent), then run every check CI runs:
+    /// rustfmt, clippy, the test suites and a bounded fuzzing pass.
+    Test {
+        /// Seconds each fuzz target runs (0 skips fuzzing).
+        #[arg(long, env = "FUZZ_SECONDS", default_value_t = 30)]
+        fuzz_seconds: u64,
+    },
+    /// Install the toolchain pieces the project needs (idempotent).
+    Setup,
+    /// Run fuzz targets for a bounded time each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
+    /// Build and run the egress with its embedded defaults (extra arguments go to the egress).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Test { fuzz_seconds } => test(fuzz_seconds),
+        Cmd::Setup => setup::all(),
+        Cmd::Fuzz { seconds, targets } => {
+            setup::fuzz_tools()?;
+            fuzz(seconds, &targets)
+        }
+        Cmd::Run { args } => run(&args),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command, echoing it, failing with its exit status.
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", display(cmd));
+    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", display(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(fuzz_seconds: u64) -> Result<()> {
+    setup::all()?;
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    sh(cargo().args(["test", "--workspace", "--all-targets"]))?;
+    // Doc tests are not covered by --all-targets.
+    sh(cargo().args(["test", "--workspace", "--doc"]))?;
+    if fuzz_seconds > 0 {
+        fuzz(fuzz_seconds, &[])?;
+    }
+    eprintln!("xtask test: all checks passed");
+    Ok(())
+}
+
+/// Every fuzz target, from fuzz/Cargo.toml.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let manifest = std::fs::read_to_string("fuzz/Cargo.toml")?;
+    Ok(manifest
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("name = \""))
+        .filter_map(|l| l.strip_suffix('"'))
+        .filter(|n| *n != "broflake-fuzz")
+        .map(str::to_owned)
+        .collect())
+}
+
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    let targets = if only.is_empty() { fuzz_targets()? } else { only.to_vec() };
+    for t in &targets {
+        // New inputs go to a scratch directory; the committed corpus is read as a seed.
+        let scratch = PathBuf::from(format!("target/fuzz-corpus/{t}"));
+        std::fs::create_dir_all(&scratch)?;
+        let seed = PathBuf::from(format!("fuzz/corpus/{t}"));
+        std::fs::create_dir_all(&seed)?;
+        sh(cargo()
+            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", t])
+            .arg(&scratch)
+            .arg(&seed)
+            .args(["--", &format!("-max_total_time={seconds}"), "-print_final_stats=1"]))?;
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup::runtime()?;
+    sh(cargo().args(["run", "--release", "--bin", "egress", "--"]).args(args))
+}

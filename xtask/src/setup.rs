@@ -1,0 +1,32 @@
+//! Idempotent installation of what the project needs on a fresh machine of this kind
+//! (Debian, root, Rust stable + nightly from rustup, registries reachable).
+
+use crate::sh;
+use anyhow::Result;
+use std::process::{Command, Stdio};
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Everything the test command needs.
+pub fn all() -> Result<()> {
+    runtime()?;
+    fuzz_tools()
+}
+
+/// What running the egress needs (nothing beyond Rust yet).
+pub fn runtime() -> Result<()> {
+    Ok(())
+}
+
+/// cargo-fuzz on the nightly toolchain.
+pub fn fuzz_tools() -> Result<()> {
+    if !quiet_ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        anyhow::bail!("the nightly toolchain is missing (`rustup toolchain install nightly`); fuzzing needs it");
+    }
+    if !quiet_ok(Command::new("cargo").args(["fuzz", "--version"])) {
+        sh(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    Ok(())
+}
