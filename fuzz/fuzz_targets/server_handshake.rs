@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         let r = session.handle_message(&cfg, now, msg, &mut tx, |s, ev, tx| {
             if let ServerEvent::Hello { .. } = ev {
                 if mode & 2 == 0 {
-                    s.accept(&cfg, now, SessionId::NONE, tx);
+                    s.accept(&cfg, now, SessionId::NONE, tx)?;
                 } else {
                     return Err(s.refuse(broflake_proto::ErrorCode::SERVER_FULL, 1000, "full", tx));
                 }

@@ -64,7 +64,10 @@ pub enum DecodeError {
     #[error("unknown frame type {frame_type:#x} without the ignorable flag")]
     UnknownFrame { frame_type: u64 },
     #[error("malformed {frame}: {what}")]
-    Malformed { frame: &'static str, what: &'static str },
+    Malformed {
+        frame: &'static str,
+        what: &'static str,
+    },
 }
 
 impl DecodeError {
@@ -187,35 +190,35 @@ pub struct Extensions<'a>(&'a [u8]);
 impl<'a> Extensions<'a> {
     pub const EMPTY: Extensions<'static> = Extensions(&[]);
 
-    /// Validates `raw` as a TLV sequence (no overrun, no duplicate type, known types well formed).
+    /// Validates `raw` as a TLV sequence: first its structure (a non-minimal varint is
+    /// `bad_varint`, an overrun is `malformed`), then the rules (no duplicate type). Values
+    /// are not interpreted here; see [`Extensions::user_agent`].
     pub fn parse(raw: &'a [u8], frame: &'static str) -> Result<Self, DecodeError> {
         let malformed = |what| DecodeError::Malformed { frame, what };
         let mut rest = raw;
-        // Duplicate detection without allocation: extension lists are short, so compare with
-        // every earlier entry (bounded by the frame size limit).
-        let mut seen = 0usize;
+        let mut count = 0usize;
         while !rest.is_empty() {
-            let (ty, n) = read_field(rest, frame, "extension type")?;
+            let (_, n) = read_field(rest, frame, "extension type")?;
             rest = &rest[n..];
             let (len, n) = read_field(rest, frame, "extension length")?;
             rest = &rest[n..];
-            let len = usize::try_from(len).map_err(|_| malformed("extension overruns the frame"))?;
+            let len =
+                usize::try_from(len).map_err(|_| malformed("extension overruns the frame"))?;
             if len > rest.len() {
                 return Err(malformed("extension overruns the frame"));
             }
-            let value = &rest[..len];
             rest = &rest[len..];
-            if ty == ext::USER_AGENT
-                && (value.len() > MAX_USER_AGENT_LEN || std::str::from_utf8(value).is_err())
-            {
-                return Err(malformed("user agent is not UTF-8 of at most 64 bytes"));
-            }
-            if Extensions(raw).iter().take(seen).any(|(t, _)| t == ty) {
+            count += 1;
+        }
+        // Duplicates, without allocating: lists are short and bounded by the frame size.
+        let ext = Extensions(raw);
+        for (i, (ty, _)) in ext.iter().enumerate() {
+            if ext.iter().take(i).any(|(t, _)| t == ty) {
                 return Err(malformed("duplicate extension"));
             }
-            seen += 1;
         }
-        Ok(Extensions(raw))
+        debug_assert_eq!(ext.iter().count(), count);
+        Ok(ext)
     }
 
     /// The wire bytes.
@@ -245,9 +248,12 @@ impl<'a> Extensions<'a> {
         self.iter().find(|(t, _)| *t == ty).map(|(_, v)| v)
     }
 
-    /// The USER_AGENT extension, if present (validated as UTF-8 when parsed).
+    /// The USER_AGENT extension if present and valid (UTF-8, at most 64 bytes); an invalid
+    /// one is treated as absent, as the spec says.
     pub fn user_agent(&self) -> Option<&'a str> {
-        self.get(ext::USER_AGENT).and_then(|v| std::str::from_utf8(v).ok())
+        self.get(ext::USER_AGENT)
+            .filter(|v| v.len() <= MAX_USER_AGENT_LEN)
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 }
 
@@ -295,18 +301,43 @@ pub struct Welcome<'a> {
 /// One decoded frame, borrowing from the message it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame<'a> {
-    Padding { payload: &'a [u8] },
+    Padding {
+        payload: &'a [u8],
+    },
     Hello(Hello<'a>),
     Welcome(Welcome<'a>),
-    Refuse { code: ErrorCode, retry_after_ms: u64, reason: &'a str },
-    Ping { payload: &'a [u8] },
-    Pong { payload: &'a [u8] },
-    GoAway { grace_ms: u64, reconnect: &'a str },
-    Error { code: ErrorCode, reason: &'a str },
-    Data { label: u64, packet: &'a [u8] },
-    RouteClose { label: u64, code: ErrorCode },
+    Refuse {
+        code: ErrorCode,
+        retry_after_ms: u64,
+        reason: &'a str,
+    },
+    Ping {
+        payload: &'a [u8],
+    },
+    Pong {
+        payload: &'a [u8],
+    },
+    GoAway {
+        grace_ms: u64,
+        reconnect: &'a str,
+    },
+    Error {
+        code: ErrorCode,
+        reason: &'a str,
+    },
+    Data {
+        label: u64,
+        packet: &'a [u8],
+    },
+    RouteClose {
+        label: u64,
+        code: ErrorCode,
+    },
     /// An unknown type that carried the ignorable flag: receivers skip it.
-    Unknown { frame_type: u64, payload: &'a [u8] },
+    Unknown {
+        frame_type: u64,
+        payload: &'a [u8],
+    },
 }
 
 impl<'a> Frame<'a> {
@@ -374,10 +405,15 @@ impl<'a> Frame<'a> {
                     + v(w.max_routes)
                     + w.extensions.0.len()
             }
-            Frame::Refuse { code, retry_after_ms, reason } => {
-                v(code.0) + v(*retry_after_ms) + reason.len()
-            }
-            Frame::GoAway { grace_ms, reconnect } => v(*grace_ms) + reconnect.len(),
+            Frame::Refuse {
+                code,
+                retry_after_ms,
+                reason,
+            } => v(code.0) + v(*retry_after_ms) + reason.len(),
+            Frame::GoAway {
+                grace_ms,
+                reconnect,
+            } => v(*grace_ms) + reconnect.len(),
             Frame::Error { code, reason } => v(code.0) + reason.len(),
             Frame::Data { label, packet } => v(*label) + packet.len(),
             Frame::RouteClose { label, code } => v(*label) + v(code.0),
@@ -409,12 +445,19 @@ impl<'a> Frame<'a> {
                 w(x.max_routes, out);
                 out.extend_from_slice(x.extensions.0);
             }
-            Frame::Refuse { code, retry_after_ms, reason } => {
+            Frame::Refuse {
+                code,
+                retry_after_ms,
+                reason,
+            } => {
                 w(code.0, out);
                 w(*retry_after_ms, out);
                 out.extend_from_slice(reason.as_bytes());
             }
-            Frame::GoAway { grace_ms, reconnect } => {
+            Frame::GoAway {
+                grace_ms,
+                reconnect,
+            } => {
                 w(*grace_ms, out);
                 out.extend_from_slice(reconnect.as_bytes());
             }
@@ -536,7 +579,10 @@ impl<'a> Fields<'a> {
     }
 
     fn malformed(&self, what: &'static str) -> DecodeError {
-        DecodeError::Malformed { frame: self.frame, what }
+        DecodeError::Malformed {
+            frame: self.frame,
+            what,
+        }
     }
 }
 
@@ -548,7 +594,10 @@ pub fn decode(buf: &[u8], max_frame_size: usize) -> Result<Decoded<'_>, DecodeEr
     let header = n_type + 1 + n_len;
     let size = header as u64 + len;
     if size > max_frame_size as u64 {
-        return Err(DecodeError::FrameTooLarge { size, max: max_frame_size });
+        return Err(DecodeError::FrameTooLarge {
+            size,
+            max: max_frame_size,
+        });
     }
     let size = size as usize; // bounded by max_frame_size
     if buf.len() < size {
@@ -560,18 +609,32 @@ pub fn decode(buf: &[u8], max_frame_size: usize) -> Result<Decoded<'_>, DecodeEr
         if flags & FLAG_IGNORABLE == 0 {
             return Err(DecodeError::UnknownFrame { frame_type });
         }
-        return Ok(Decoded { frame: Frame::Unknown { frame_type, payload }, flags, len: size });
+        return Ok(Decoded {
+            frame: Frame::Unknown {
+                frame_type,
+                payload,
+            },
+            flags,
+            len: size,
+        });
     }
     if flags & FLAGS_PER_TYPE != 0 {
         return Err(DecodeError::ReservedFlags { frame_type, flags });
     }
     let frame = decode_payload(frame_type, payload)?;
-    Ok(Decoded { frame, flags, len: size })
+    Ok(Decoded {
+        frame,
+        flags,
+        len: size,
+    })
 }
 
 fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeError> {
     let name = type_name(frame_type);
-    let mut f = Fields { buf: payload, frame: name };
+    let mut f = Fields {
+        buf: payload,
+        frame: name,
+    };
     Ok(match frame_type {
         types::PADDING => Frame::Padding { payload },
         types::HELLO => {
@@ -629,7 +692,11 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
             let code = ErrorCode(f.varint("code")?);
             let retry_after_ms = f.varint("retry_after_ms")?;
             let reason = f.text(MAX_REASON_LEN, "reason must be UTF-8 of at most 123 bytes")?;
-            Frame::Refuse { code, retry_after_ms, reason }
+            Frame::Refuse {
+                code,
+                retry_after_ms,
+                reason,
+            }
         }
         types::PING | types::PONG => {
             if payload.len() > MAX_PING_PAYLOAD {
@@ -643,9 +710,14 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
         }
         types::GOAWAY => {
             let grace_ms = f.varint("grace_ms")?;
-            let reconnect =
-                f.text(MAX_RECONNECT_LEN, "reconnect must be UTF-8 of at most 256 bytes")?;
-            Frame::GoAway { grace_ms, reconnect }
+            let reconnect = f.text(
+                MAX_RECONNECT_LEN,
+                "reconnect must be UTF-8 of at most 256 bytes",
+            )?;
+            Frame::GoAway {
+                grace_ms,
+                reconnect,
+            }
         }
         types::ERROR => {
             let code = ErrorCode(f.varint("code")?);
@@ -657,7 +729,10 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
             if f.buf.is_empty() {
                 return Err(f.malformed("empty packet"));
             }
-            Frame::Data { label, packet: f.buf }
+            Frame::Data {
+                label,
+                packet: f.buf,
+            }
         }
         types::ROUTE_CLOSE => {
             let label = f.varint("label")?;
@@ -679,7 +754,10 @@ pub struct Frames<'a> {
 
 impl<'a> Frames<'a> {
     pub fn new(message: &'a [u8], max_frame_size: usize) -> Self {
-        Frames { rest: message, max_frame_size }
+        Frames {
+            rest: message,
+            max_frame_size,
+        }
     }
 }
 
@@ -704,6 +782,9 @@ impl<'a> Iterator for Frames<'a> {
 }
 
 /// Decodes a whole message, all or nothing (used by tests, vectors and tools).
-pub fn decode_message(message: &[u8], max_frame_size: usize) -> Result<Vec<Decoded<'_>>, DecodeError> {
+pub fn decode_message(
+    message: &[u8],
+    max_frame_size: usize,
+) -> Result<Vec<Decoded<'_>>, DecodeError> {
     Frames::new(message, max_frame_size).collect()
 }

@@ -10,7 +10,7 @@ pub const fn value(n: u64) -> u64 {
 
 /// Whether `v` is a grease frame or extension type.
 pub const fn is_grease(v: u64) -> bool {
-    v >= 0x21 && (v - 0x21) % 0x1f == 0
+    v >= 0x21 && (v - 0x21).is_multiple_of(0x1f)
 }
 
 /// A small deterministic generator (xorshift64*). Sessions take their randomness from the
@@ -56,7 +56,11 @@ pub fn encode_frame(rng: &mut Rng, out: &mut Vec<u8>) {
     for b in &mut payload[..len] {
         *b = rng.next_u64() as u8;
     }
-    Frame::Unknown { frame_type: frame_type(rng), payload: &payload[..len] }.encode(FLAG_IGNORABLE, out);
+    Frame::Unknown {
+        frame_type: frame_type(rng),
+        payload: &payload[..len],
+    }
+    .encode(FLAG_IGNORABLE, out);
 }
 
 #[cfg(test)]

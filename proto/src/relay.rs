@@ -34,7 +34,11 @@ pub struct RouteTable<D, U> {
 
 impl<D, U> Default for RouteTable<D, U> {
     fn default() -> Self {
-        RouteTable { down: HashMap::new(), up: HashMap::new(), upstreams: HashMap::new() }
+        RouteTable {
+            down: HashMap::new(),
+            up: HashMap::new(),
+            upstreams: HashMap::new(),
+        }
     }
 }
 
@@ -79,11 +83,19 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
 
     /// The upstream side of a downstream route, mapping it onto `up` if it is new.
     /// Returns `(upstream, label, new)`.
-    pub fn route_up(&mut self, link: D, label: u64, up: U) -> Result<(U, u64, bool), RouteTableError> {
+    pub fn route_up(
+        &mut self,
+        link: D,
+        label: u64,
+        up: U,
+    ) -> Result<(U, u64, bool), RouteTableError> {
         if let Some(&(u, l)) = self.down.get(&(link, label)) {
             return Ok((u, l, false));
         }
-        let state = self.upstreams.get_mut(&up).ok_or(RouteTableError::NoUpstream)?;
+        let state = self
+            .upstreams
+            .get_mut(&up)
+            .ok_or(RouteTableError::NoUpstream)?;
         if state.open >= state.max_routes {
             return Err(RouteTableError::UpstreamFull(state.max_routes));
         }
@@ -118,14 +130,26 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
     /// A downstream link went away: releases its routes, returning their upstream sides
     /// (each gets a ROUTE_CLOSE upstream).
     pub fn remove_link(&mut self, link: D) -> Vec<(U, u64)> {
-        let keys: Vec<(D, u64)> = self.down.keys().filter(|(d, _)| *d == link).copied().collect();
-        keys.into_iter().filter_map(|(d, l)| self.close_down(d, l)).collect()
+        let keys: Vec<(D, u64)> = self
+            .down
+            .keys()
+            .filter(|(d, _)| *d == link)
+            .copied()
+            .collect();
+        keys.into_iter()
+            .filter_map(|(d, l)| self.close_down(d, l))
+            .collect()
     }
 
     /// Moves every route of `from` onto `to` with fresh labels (GOAWAY migration).
     /// Returns `(old upstream label, new upstream label)` pairs.
     pub fn migrate(&mut self, from: U, to: U) -> Result<Vec<(u64, u64)>, RouteTableError> {
-        let keys: Vec<(U, u64)> = self.up.keys().filter(|(u, _)| *u == from).copied().collect();
+        let keys: Vec<(U, u64)> = self
+            .up
+            .keys()
+            .filter(|(u, _)| *u == from)
+            .copied()
+            .collect();
         let mut moved = Vec::with_capacity(keys.len());
         for (u, old) in keys {
             let (link, label) = self.close_up(u, old).expect("key listed above");

@@ -113,7 +113,11 @@ pub enum ServerEvent<'a> {
     /// [`ServerSession::refuse`] before handing the session another frame.
     Hello { hello: Hello<'a>, version: u64 },
     /// A QUIC packet on a route. `new_route` is true for the first packet of a label.
-    Data { label: u64, packet: &'a [u8], new_route: bool },
+    Data {
+        label: u64,
+        packet: &'a [u8],
+        new_route: bool,
+    },
     /// The client released a route that was open.
     RouteClosed { label: u64, code: ErrorCode },
     /// A PONG answering one of the server's pings.
@@ -126,7 +130,10 @@ pub struct ServerSession {
     state: State,
     version: u8,
     client_caps: u8,
+    role: u8,
     server_pings: bool,
+    /// A server PING is waiting for its PONG (at most one is outstanding).
+    ping_outstanding: bool,
     /// PING tokens in thousandths.
     ping_tokens: u32,
     /// Start of the connection while handshaking, then the last receive.
@@ -148,7 +155,9 @@ impl ServerSession {
             state: State::AwaitHello,
             version: 0,
             client_caps: 0,
+            role: 0,
             server_pings: false,
+            ping_outstanding: false,
             ping_tokens: 0,
             last_rx: now,
             ping_refill_at: now,
@@ -218,7 +227,7 @@ impl ServerSession {
             return None;
         }
         let mut t = self.idle_deadline(cfg);
-        if self.server_pings {
+        if self.server_pings && !self.ping_outstanding {
             t = t.min(self.last_ping_tx + cfg.keepalive_ms);
         }
         if self.state == State::Draining {
@@ -236,7 +245,12 @@ impl ServerSession {
     }
 
     /// Runs deadlines: handshake timeout, idle timeout, end of drain, server pings.
-    pub fn on_timeout(&mut self, cfg: &ServerConfig, now: Timestamp, tx: &mut Vec<u8>) -> Result<(), Close> {
+    pub fn on_timeout(
+        &mut self,
+        cfg: &ServerConfig,
+        now: Timestamp,
+        tx: &mut Vec<u8>,
+    ) -> Result<(), Close> {
         match self.state {
             State::Closed => return Ok(()),
             State::AwaitHello | State::AwaitAdmission => {
@@ -256,9 +270,16 @@ impl ServerSession {
             self.state = State::Closed;
             return Err(Close::local(ErrorCode::DRAINING, "drained"));
         }
-        if self.server_pings && now >= self.last_ping_tx + cfg.keepalive_ms {
+        if self.server_pings
+            && !self.ping_outstanding
+            && now >= self.last_ping_tx + cfg.keepalive_ms
+        {
             self.last_ping_tx = now;
-            Frame::Ping { payload: &now.as_millis().to_be_bytes() }.encode(0, tx);
+            self.ping_outstanding = true;
+            Frame::Ping {
+                payload: &now.as_millis().to_be_bytes(),
+            }
+            .encode(0, tx);
         }
         Ok(())
     }
@@ -302,7 +323,12 @@ impl ServerSession {
     ) -> Result<ServerEvent<'a>, Close> {
         let frame = decoded.frame;
         match self.state {
-            State::Closed => return Err(Close::local(ErrorCode::PROTOCOL_VIOLATION, "session closed")),
+            State::Closed => {
+                return Err(Close::local(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    "session closed",
+                ))
+            }
             State::AwaitAdmission => {
                 return Err(self.fail(ErrorCode::INTERNAL, "handshake left undecided", tx));
             }
@@ -319,12 +345,23 @@ impl ServerSession {
         match frame {
             Frame::Padding { .. } | Frame::Unknown { .. } => Ok(ServerEvent::None),
             Frame::Ping { payload } => {
-                self.take_ping_token(cfg, now)
-                    .map_err(|()| self.fail(ErrorCode::RATE_LIMITED, "ping rate limit exceeded", tx))?;
+                self.take_ping_token(cfg, now).map_err(|()| {
+                    self.fail(ErrorCode::RATE_LIMITED, "ping rate limit exceeded", tx)
+                })?;
                 Frame::Pong { payload }.encode(0, tx);
                 Ok(ServerEvent::None)
             }
-            Frame::Pong { .. } => Ok(ServerEvent::Pong),
+            Frame::Pong { payload } => {
+                if self.ping_outstanding && payload == self.last_ping_tx.as_millis().to_be_bytes() {
+                    self.ping_outstanding = false;
+                    Ok(ServerEvent::Pong)
+                } else {
+                    Ok(ServerEvent::None)
+                }
+            }
+            Frame::Data { .. } if frame::Role(self.role) == frame::Role::PROBE => {
+                Err(self.violation("data", "from a probe", tx))
+            }
             Frame::Data { label, packet } => self.on_data(cfg, label, packet, tx),
             Frame::RouteClose { label, code } => match self.routes.binary_search(&label) {
                 Ok(i) => {
@@ -338,7 +375,10 @@ impl ServerSession {
                 self.state = State::Closed;
                 Err(Close::peer(code, reason, 0))
             }
-            other @ (Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse { .. } | Frame::GoAway { .. }) => {
+            other @ (Frame::Hello(_)
+            | Frame::Welcome(_)
+            | Frame::Refuse { .. }
+            | Frame::GoAway { .. }) => {
                 Err(self.violation(other.name(), "from a client after the handshake", tx))
             }
         }
@@ -352,30 +392,59 @@ impl ServerSession {
     ) -> Result<ServerEvent<'a>, Close> {
         let version = handshake::negotiate_hello(cfg.min_version, cfg.max_version, &hello)
             .map_err(|refusal| self.refuse(refusal.code, 0, refusal.reason, tx))?;
-        if !cfg.role_allowed(hello.role) {
-            let reason = format!("role {} is not allowed here", hello.role.0);
-            return Err(self.refuse(ErrorCode::BAD_ROLE, 0, reason, tx));
-        }
+        self.role = hello.role.0;
         self.version = u8::try_from(version).unwrap_or(u8::MAX);
         self.client_caps = hello.capabilities.known().0 as u8;
         self.state = State::AwaitAdmission;
         Ok(ServerEvent::Hello { hello, version })
     }
 
-    /// Completes the handshake: writes WELCOME and opens the session.
-    pub fn accept(&mut self, cfg: &ServerConfig, now: Timestamp, session_id: SessionId, tx: &mut Vec<u8>) {
-        assert_eq!(self.state, State::AwaitAdmission, "accept without a pending HELLO");
+    /// Completes the handshake after the caller's admission checks (SERVER_FULL,
+    /// PER_IP_LIMIT, DRAINING, in that order): checks the role last, as the spec orders
+    /// it, then writes WELCOME and opens the session. `session_id` should be random.
+    pub fn accept(
+        &mut self,
+        cfg: &ServerConfig,
+        now: Timestamp,
+        session_id: SessionId,
+        tx: &mut Vec<u8>,
+    ) -> Result<(), Close> {
+        assert_eq!(
+            self.state,
+            State::AwaitAdmission,
+            "accept without a pending HELLO"
+        );
+        if !cfg.role_allowed(frame::Role(self.role)) {
+            let reason = format!("role {} is not allowed here", self.role);
+            return Err(self.refuse(ErrorCode::BAD_ROLE, 0, reason, tx));
+        }
+        // All zero means "none" on the wire; never hand that out.
+        let mut session_id = session_id;
+        if session_id.is_none() {
+            session_id.0[15] = 1;
+        }
         let client = Capabilities(u64::from(self.client_caps));
         self.server_pings = cfg.server_ping == ServerPing::All || !client.has(Capabilities::PING);
-        let mut caps = client.0 & (Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY);
+        let mut caps =
+            client.0 & (Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY);
         if self.server_pings {
-            caps |= Capabilities::SERVER_PING;
+            // Exactly one of PING and SERVER_PING is in effect (PROTOCOL.md §7.3, §10.2).
+            caps = (caps & !Capabilities::PING) | Capabilities::SERVER_PING;
         }
-        let max_routes = if client.has(Capabilities::ROUTES) { cfg.max_routes } else { 1 };
-        let mut rng = grease::Rng::new(u64::from_le_bytes(session_id.0[..8].try_into().expect("8 bytes")));
+        let max_routes = if client.has(Capabilities::ROUTES) {
+            cfg.max_routes
+        } else {
+            1
+        };
+        let mut rng = grease::Rng::new(u64::from_le_bytes(
+            session_id.0[..8].try_into().expect("8 bytes"),
+        ));
         let grease_ext = cfg.grease.then(|| {
             let value = rng.next_u64().to_be_bytes();
-            encode_extensions(&[(grease::value(rng.below(64)), &value[..(rng.below(9) as usize)])])
+            encode_extensions(&[(
+                grease::value(rng.below(64)),
+                &value[..(rng.below(9) as usize)],
+            )])
         });
         if cfg.grease {
             caps |= grease::capability_bit(&mut rng);
@@ -398,6 +467,7 @@ impl ServerSession {
         self.last_ping_tx = now;
         self.ping_refill_at = now;
         self.ping_tokens = cfg.ping_burst * 1000;
+        Ok(())
     }
 
     /// Writes REFUSE and closes. Usable while handshaking (admission refusals such as
@@ -410,16 +480,30 @@ impl ServerSession {
         tx: &mut Vec<u8>,
     ) -> Close {
         let close = Close::local(code, reason);
-        Frame::Refuse { code, retry_after_ms, reason: &close.reason }.encode(0, tx);
+        Frame::Refuse {
+            code,
+            retry_after_ms,
+            reason: &close.reason,
+        }
+        .encode(0, tx);
         self.state = State::Closed;
         close
     }
 
     /// Writes ERROR and closes.
-    pub fn fail(&mut self, code: ErrorCode, reason: impl Into<std::borrow::Cow<'static, str>>, tx: &mut Vec<u8>) -> Close {
+    pub fn fail(
+        &mut self,
+        code: ErrorCode,
+        reason: impl Into<std::borrow::Cow<'static, str>>,
+        tx: &mut Vec<u8>,
+    ) -> Close {
         let close = Close::local(code, reason);
         if self.state != State::Closed {
-            Frame::Error { code, reason: &close.reason }.encode(0, tx);
+            Frame::Error {
+                code,
+                reason: &close.reason,
+            }
+            .encode(0, tx);
         }
         self.state = State::Closed;
         close
@@ -431,7 +515,11 @@ impl ServerSession {
     }
 
     fn violation(&mut self, name: &str, when: &str, tx: &mut Vec<u8>) -> Close {
-        self.fail(ErrorCode::PROTOCOL_VIOLATION, format!("{name} frame not allowed {when}"), tx)
+        self.fail(
+            ErrorCode::PROTOCOL_VIOLATION,
+            format!("{name} frame not allowed {when}"),
+            tx,
+        )
     }
 
     fn take_ping_token(&mut self, cfg: &ServerConfig, now: Timestamp) -> Result<(), ()> {
@@ -450,17 +538,31 @@ impl ServerSession {
         Ok(())
     }
 
-    fn on_data<'a>(&mut self, cfg: &ServerConfig, label: u64, packet: &'a [u8], tx: &mut Vec<u8>) -> Result<ServerEvent<'a>, Close> {
+    fn on_data<'a>(
+        &mut self,
+        cfg: &ServerConfig,
+        label: u64,
+        packet: &'a [u8],
+        tx: &mut Vec<u8>,
+    ) -> Result<ServerEvent<'a>, Close> {
         match self.routes.binary_search(&label) {
-            Ok(_) => Ok(ServerEvent::Data { label, packet, new_route: false }),
+            Ok(_) => Ok(ServerEvent::Data {
+                label,
+                packet,
+                new_route: false,
+            }),
             Err(_) if label < self.next_new_label => {
-                // A closed route: say so, drop the packet. Labels are never reused.
-                Frame::RouteClose { label, code: ErrorCode::ROUTE_UNKNOWN }.encode(0, tx);
+                // A route that was closed (or refused): drop silently. Labels are never
+                // reused, and answering every late packet would be an amplifier.
                 Ok(ServerEvent::None)
             }
             Err(pos) => {
                 self.next_new_label = label.saturating_add(1);
-                let max_routes = if self.client_capabilities().has(Capabilities::ROUTES) { cfg.max_routes } else { 1 };
+                let max_routes = if self.client_capabilities().has(Capabilities::ROUTES) {
+                    cfg.max_routes
+                } else {
+                    1
+                };
                 let refuse = if self.state == State::Draining {
                     Some(ErrorCode::DRAINING)
                 } else if self.routes.len() as u64 >= max_routes {
@@ -473,7 +575,11 @@ impl ServerSession {
                     return Ok(ServerEvent::None);
                 }
                 self.routes.insert(pos, label);
-                Ok(ServerEvent::Data { label, packet, new_route: true })
+                Ok(ServerEvent::Data {
+                    label,
+                    packet,
+                    new_route: true,
+                })
             }
         }
     }
@@ -495,7 +601,11 @@ impl ServerSession {
         if self.state != State::Open {
             return;
         }
-        Frame::GoAway { grace_ms, reconnect }.encode(0, tx);
+        Frame::GoAway {
+            grace_ms,
+            reconnect,
+        }
+        .encode(0, tx);
         self.state = State::Draining;
         self.ping_refill_at = now + grace_ms;
     }
@@ -514,4 +624,3 @@ impl ServerSession {
         grease::encode_frame(rng, tx);
     }
 }
-
