@@ -1,0 +1,197 @@
+//! The Broflake egress server.
+//!
+//! Relays hold WebSockets to the egress; each carries Broflake frames (docs/PROTOCOL.md).
+//! Control frames are answered by the connection's `proto` session; DATA frames carry QUIC
+//! packets that go to one quinn endpoint over a virtual socket ([`quic`]); each QUIC stream
+//! is a proxy request ([`proxy`]) checked against the destination [`policy`].
+
+pub mod config;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod quic;
+pub mod registry;
+pub mod shared;
+pub mod tls;
+pub mod tokio_io;
+pub mod upgrade;
+
+use anyhow::{Context, Result};
+use config::{Backend, Config, LivenessMode};
+use shared::Shared;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// A running egress.
+#[derive(Debug)]
+pub struct Egress {
+    /// Bound ws:// and wss:// addresses (useful when the config asked for port 0).
+    pub ws_addrs: Vec<SocketAddr>,
+    pub wss_addrs: Vec<SocketAddr>,
+    /// SHA-256 of the certificate (clients pin it).
+    pub fingerprint: String,
+    pub liveness: LivenessMode,
+    pub backend: Backend,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Egress {
+    /// Binds every listener and starts serving. Must run inside a tokio runtime.
+    pub async fn start(config: Config) -> Result<Egress> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let identity = tls::Identity::load(&config)?;
+        let fingerprint = identity.fingerprint();
+
+        let backend = match config.io.backend {
+            Backend::Tokio | Backend::Auto => Backend::Tokio,
+            Backend::Uring => anyhow::bail!(
+                "io.backend = \"uring\" is not available in this build; use \"tokio\" or \"auto\""
+            ),
+        };
+        let liveness = match config.liveness.mode {
+            LivenessMode::Xdp => anyhow::bail!("liveness.mode = \"xdp\" is not available in this build; use \"userspace\", \"server-ping\" or \"auto\""),
+            LivenessMode::Auto => {
+                tracing::info!(reason = "XDP liveness is not built in", "liveness: auto chose userspace");
+                LivenessMode::Userspace
+            }
+            m => m,
+        };
+        for mode in ["userspace", "server-ping", "xdp"] {
+            let active = matches!(
+                (mode, liveness),
+                ("userspace", LivenessMode::Userspace)
+                    | ("server-ping", LivenessMode::ServerPing)
+                    | ("xdp", LivenessMode::Xdp)
+            );
+            ::metrics::gauge!(crate::metrics::LIVENESS_MODE, "mode" => mode).set(if active {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        ::metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
+            .set(1.0);
+
+        let quic = quic::QuicBridge::new(
+            quic::server_config(identity.quic_config()?, &config),
+            config.quic.inbound_queue,
+        )
+        .context("cannot create the QUIC endpoint")?;
+        let shared = Arc::new(Shared::new(
+            config.clone(),
+            quic.clone(),
+            liveness == LivenessMode::Xdp,
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let settings = Arc::new(proxy::ProxySettings {
+            policy: policy::Policy::new(config.proxy.deny_internal, config.proxy.allow.clone()),
+            connect_timeout: config.proxy.connect_timeout,
+            resolve_timeout: config.proxy.resolve_timeout,
+            stats: shared.stats.clone(),
+        });
+        tasks.spawn(proxy::serve(quic.endpoint.clone(), settings));
+        tasks.spawn(sweeper(shared.clone(), stop_rx.clone()));
+
+        let mut ws_addrs = Vec::new();
+        let mut wss_addrs = Vec::new();
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.wss_config()?);
+        for (addrs, out, tls) in [
+            (&config.listen.ws, &mut ws_addrs, None),
+            (&config.listen.wss, &mut wss_addrs, Some(acceptor)),
+        ] {
+            for addr in addrs {
+                let std = tokio_io::bind(*addr, config.listen.backlog)
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                let listener = tokio::net::TcpListener::from_std(std)?;
+                out.push(listener.local_addr()?);
+                tasks.spawn(tokio_io::serve(
+                    listener,
+                    tls.clone(),
+                    shared.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+        }
+        Ok(Egress {
+            ws_addrs,
+            wss_addrs,
+            fingerprint,
+            liveness,
+            backend,
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Connections held now.
+    pub fn connections(&self) -> usize {
+        self.shared.conns.len()
+    }
+
+    /// Routes (connection, label) open now.
+    pub fn routes(&self) -> usize {
+        self.shared.quic.route_count()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Starts draining: stop accepting, GOAWAY to every connection; they close at the end
+    /// of the grace period (or earlier, when clients leave).
+    pub fn drain(&self) {
+        if self.shared.drain.send_replace(true) {
+            return;
+        }
+        ::metrics::gauge!(crate::metrics::DRAINING).set(1.0);
+        let _ = self.stop.send(true);
+        tracing::info!(connections = self.connections(), grace = ?self.shared.config.drain.grace, "draining");
+    }
+
+    /// Waits until every connection is gone or `limit` passed, then shuts down.
+    pub async fn wait_drained(mut self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.shared.conns.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.shutdown().await;
+    }
+
+    /// Stops everything now.
+    pub async fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        self.shared
+            .quic
+            .endpoint
+            .close(0u32.into(), b"egress shutting down");
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The user-space deadline sweep (see [`registry`]).
+async fn sweeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.config.liveness.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => {
+                // Keep sweeping while draining: drain deadlines are swept too.
+                if !*shared.drain.borrow() { return; }
+            }
+        }
+        let woken = shared.conns.sweep(shared.now());
+        ::metrics::counter!(crate::metrics::SWEEPS).increment(1);
+        ::metrics::counter!(crate::metrics::SWEEP_WAKEUPS).increment(woken as u64);
+    }
+}

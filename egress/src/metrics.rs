@@ -1,0 +1,85 @@
+//! Metric names and label values (documented in docs/OPERATIONS.md). Labels only ever take
+//! values from fixed sets, so cardinality stays bounded whatever peers send.
+
+pub const CONNECTIONS: &str = "broflake_connections";
+pub const CONNECTIONS_ACCEPTED: &str = "broflake_connections_accepted_total";
+pub const CONNECTIONS_CLOSED: &str = "broflake_connections_closed_total";
+pub const UPGRADE_REFUSALS: &str = "broflake_upgrade_refusals_total";
+pub const HANDSHAKES: &str = "broflake_handshakes_total";
+pub const REFUSALS: &str = "broflake_refusals_total";
+pub const FRAMES_RECEIVED: &str = "broflake_frames_received_total";
+pub const FRAMES_SENT: &str = "broflake_frames_sent_total";
+pub const BYTES_RECEIVED: &str = "broflake_bytes_received_total";
+pub const BYTES_SENT: &str = "broflake_bytes_sent_total";
+pub const IDLE_CLOSES: &str = "broflake_idle_closes_total";
+pub const SERVER_PINGS: &str = "broflake_server_pings_total";
+pub const LIVENESS_MODE: &str = "broflake_liveness_mode";
+pub const SWEEPS: &str = "broflake_liveness_sweeps_total";
+pub const SWEEP_WAKEUPS: &str = "broflake_liveness_sweep_wakeups_total";
+pub const ROUTES: &str = "broflake_routes";
+pub const PACKETS_DROPPED: &str = "broflake_packets_dropped_total";
+pub const QUIC_CONNECTIONS: &str = "broflake_quic_connections";
+pub const QUIC_CONNECTIONS_TOTAL: &str = "broflake_quic_connections_total";
+pub const QUIC_STREAMS: &str = "broflake_quic_streams_total";
+pub const QUIC_MIGRATIONS: &str = "broflake_quic_migrations_total";
+pub const PROXY_DIALS: &str = "broflake_proxy_dials_total";
+pub const PROXY_BYTES: &str = "broflake_proxy_bytes_total";
+pub const DRAINING: &str = "broflake_draining";
+pub const BUILD_INFO: &str = "broflake_build_info";
+
+/// Describes every metric once, at start-up (HELP text in the exposition).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        CONNECTIONS,
+        "WebSocket connections held now, by backend and state."
+    );
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "TCP connections accepted, by backend and listener kind."
+    );
+    describe_counter!(CONNECTIONS_CLOSED, "Connections closed, by close reason.");
+    describe_counter!(
+        UPGRADE_REFUSALS,
+        "HTTP upgrades refused before any Broflake frame, by reason."
+    );
+    describe_counter!(
+        HANDSHAKES,
+        "Broflake handshakes, by result (accepted/refused)."
+    );
+    describe_counter!(REFUSALS, "Handshake refusals, by reason code.");
+    describe_counter!(FRAMES_RECEIVED, "Broflake frames received, by type.");
+    describe_counter!(FRAMES_SENT, "Broflake frames sent, by type.");
+    describe_counter!(BYTES_RECEIVED, "WebSocket payload bytes received.");
+    describe_counter!(BYTES_SENT, "WebSocket payload bytes sent.");
+    describe_counter!(
+        IDLE_CLOSES,
+        "Connections closed for idleness, by source (xdp/userspace/server-ping)."
+    );
+    describe_counter!(
+        SERVER_PINGS,
+        "PINGs sent by the server (server-ping mode and compat clients)."
+    );
+    describe_gauge!(LIVENESS_MODE, "1 for the liveness mode in effect, by mode.");
+    describe_counter!(SWEEPS, "User-space deadline sweeps run.");
+    describe_counter!(SWEEP_WAKEUPS, "Connections woken by the deadline sweep.");
+    describe_gauge!(ROUTES, "Routes (connection, label) open now.");
+    describe_counter!(PACKETS_DROPPED, "QUIC packets dropped, by reason.");
+    describe_gauge!(QUIC_CONNECTIONS, "Tunnelled QUIC connections open now.");
+    describe_counter!(
+        QUIC_CONNECTIONS_TOTAL,
+        "Tunnelled QUIC connections accepted."
+    );
+    describe_counter!(QUIC_STREAMS, "Proxy streams accepted.");
+    describe_counter!(
+        QUIC_MIGRATIONS,
+        "QUIC connections seen on a new route (migrations)."
+    );
+    describe_counter!(
+        PROXY_DIALS,
+        "Proxy dials, by result (ok, policy_refused, dns_failed, …)."
+    );
+    describe_counter!(PROXY_BYTES, "Bytes spliced by the proxy, by direction.");
+    describe_gauge!(DRAINING, "1 while the egress is draining.");
+    describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
+}

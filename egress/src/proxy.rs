@@ -1,0 +1,266 @@
+//! The proxy: each bidirectional QUIC stream carries one request (PROTOCOL.md §14). The
+//! egress resolves the destination, checks every address against the policy, dials the
+//! first allowed one, replies, then splices bytes both ways with backpressure.
+
+use crate::metrics as m;
+use crate::policy::Policy;
+use broflake_proto::proxy::{ProxyReply, ProxyRequest, ProxyStatus, MAX_HOST_LEN};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub policy: Policy,
+    pub connect_timeout: Duration,
+    pub resolve_timeout: Duration,
+    pub stats: Arc<crate::shared::Stats>,
+}
+
+/// Accepts tunnelled QUIC connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, settings: Arc<ProxySettings>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => connection(conn, settings).await,
+                Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+async fn connection(conn: quinn::Connection, settings: Arc<ProxySettings>) {
+    metrics::counter!(m::QUIC_CONNECTIONS_TOTAL).increment(1);
+    metrics::gauge!(m::QUIC_CONNECTIONS).increment(1.0);
+    let mut path = conn.remote_address();
+    tracing::debug!(id = conn.stable_id(), %path, "QUIC connection");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(id = conn.stable_id(), reason = %e, "QUIC connection ended");
+                break;
+            }
+        };
+        let now = conn.remote_address();
+        if now != path {
+            metrics::counter!(m::QUIC_MIGRATIONS).increment(1);
+            settings
+                .stats
+                .quic_migrations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(id = conn.stable_id(), from = %path, to = %now, "QUIC connection migrated");
+            path = now;
+        }
+        metrics::counter!(m::QUIC_STREAMS).increment(1);
+        tokio::spawn(stream(send, recv, settings.clone()));
+    }
+    metrics::gauge!(m::QUIC_CONNECTIONS).decrement(1.0);
+}
+
+/// The outcome of resolving and dialling a request.
+struct Refusal(ProxyStatus, String);
+
+async fn reply(
+    send: &mut quinn::SendStream,
+    status: ProxyStatus,
+    reason: &str,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(reason.len() + 3);
+    ProxyReply { status, reason }.encode(&mut out);
+    send.write_all(&out).await?;
+    Ok(())
+}
+
+async fn stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    settings: Arc<ProxySettings>,
+) {
+    // Read exactly one request; what follows it already belongs to the destination.
+    let mut buf = Vec::with_capacity(64);
+    let (host, port, used) = loop {
+        match ProxyRequest::decode(&buf) {
+            Ok(Some((req, used))) => break (req.host.to_owned(), req.port, used),
+            Ok(None) if buf.len() < MAX_HOST_LEN + 16 => {}
+            Ok(None) | Err(_) => {
+                let _ = reply(
+                    &mut send,
+                    ProxyStatus::BAD_REQUEST,
+                    "malformed proxy request",
+                )
+                .await;
+                let _ = send.finish();
+                metrics::counter!(m::PROXY_DIALS, "result" => "bad_request").increment(1);
+                return;
+            }
+        }
+        let mut chunk = [0u8; 512];
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            _ => {
+                let _ = reply(
+                    &mut send,
+                    ProxyStatus::BAD_REQUEST,
+                    "stream ended before the request",
+                )
+                .await;
+                let _ = send.finish();
+                metrics::counter!(m::PROXY_DIALS, "result" => "bad_request").increment(1);
+                return;
+            }
+        }
+    };
+    let early = buf.split_off(used);
+    let tcp = match dial(&host, port, &settings).await {
+        Ok(tcp) => tcp,
+        Err(Refusal(status, reason)) => {
+            tracing::debug!(%host, port, status = status.label(), %reason, "proxy request refused");
+            metrics::counter!(m::PROXY_DIALS, "result" => status.label()).increment(1);
+            settings
+                .stats
+                .proxy_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = reply(&mut send, status, &reason).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    metrics::counter!(m::PROXY_DIALS, "result" => "ok").increment(1);
+    if reply(&mut send, ProxyStatus::OK, "").await.is_err() {
+        return;
+    }
+    splice(tcp, send, recv, early).await;
+}
+
+async fn dial(host: &str, port: u16, s: &ProxySettings) -> Result<TcpStream, Refusal> {
+    let literal = host.parse::<IpAddr>().ok();
+    let addrs: Vec<SocketAddr> = match literal {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => {
+            let lookup =
+                tokio::time::timeout(s.resolve_timeout, tokio::net::lookup_host((host, port)))
+                    .await;
+            match lookup {
+                Ok(Ok(a)) => a.collect(),
+                Ok(Err(e)) => {
+                    return Err(Refusal(
+                        ProxyStatus::DNS_FAILED,
+                        format!("cannot resolve {host}: {e}"),
+                    ))
+                }
+                Err(_) => {
+                    return Err(Refusal(
+                        ProxyStatus::DNS_FAILED,
+                        format!("resolving {host} timed out"),
+                    ))
+                }
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return Err(Refusal(
+            ProxyStatus::DNS_FAILED,
+            format!("{host} has no addresses"),
+        ));
+    }
+    let mut first_refusal = None;
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| match s.policy.check(a.ip()) {
+            Ok(()) => true,
+            Err(why) => {
+                first_refusal.get_or_insert((a.ip(), why));
+                false
+            }
+        })
+        .collect();
+    if allowed.is_empty() {
+        let (ip, why) = first_refusal.expect("some address was refused");
+        let reason = if literal.is_some() {
+            format!("destination {ip} is {}", why.describe())
+        } else {
+            format!("destination {host} resolves to {ip}, {}", why.describe())
+        };
+        return Err(Refusal(ProxyStatus::POLICY_REFUSED, reason));
+    }
+    let mut last = Refusal(ProxyStatus::UNREACHABLE, format!("cannot reach {host}"));
+    for addr in allowed {
+        match tokio::time::timeout(s.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = Refusal(
+                    ProxyStatus::CONNECTION_REFUSED,
+                    format!("{addr} refused the connection"),
+                );
+            }
+            Ok(Err(e)) => {
+                last = Refusal(
+                    ProxyStatus::UNREACHABLE,
+                    format!("cannot reach {addr}: {e}"),
+                )
+            }
+            Err(_) => {
+                last = Refusal(
+                    ProxyStatus::TIMEOUT,
+                    format!("connecting to {addr} timed out"),
+                )
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn splice(
+    tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    early: Vec<u8>,
+) {
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    let up = async {
+        let mut n = early.len() as u64;
+        if !early.is_empty() {
+            tcp_w.write_all(&early).await?;
+        }
+        n += tokio::io::copy(&mut recv, &mut tcp_w).await?;
+        tcp_w.shutdown().await?;
+        Ok::<u64, std::io::Error>(n)
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = tcp_r.read(&mut buf).await?;
+            if k == 0 {
+                break;
+            }
+            send.write_all(&buf[..k])
+                .await
+                .map_err(std::io::Error::other)?;
+            n += k as u64;
+        }
+        send.finish().map_err(std::io::Error::other)?;
+        Ok::<u64, std::io::Error>(n)
+    };
+    let (u, d) = tokio::join!(up, down);
+    if let Ok(n) = u {
+        metrics::counter!(m::PROXY_BYTES, "direction" => "upstream").increment(n);
+    }
+    match d {
+        Ok(n) => metrics::counter!(m::PROXY_BYTES, "direction" => "downstream").increment(n),
+        Err(_) => {
+            let _ = send.reset(0u32.into());
+        }
+    }
+    if u.is_err() {
+        let _ = recv.stop(0u32.into());
+    }
+}

@@ -1,0 +1,111 @@
+//! State shared by every connection of the process.
+
+use crate::config::Config;
+use crate::quic::QuicBridge;
+use crate::registry::Registry;
+use broflake_proto::time::Clock;
+use broflake_proto::{Close, ServerConfig, SessionId, Timestamp};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    /// Protocol session settings derived from the config.
+    pub session: ServerConfig,
+    pub clock: Clock,
+    pub conns: Arc<Registry>,
+    pub quic: Arc<QuicBridge>,
+    /// Turns true once when draining starts.
+    pub drain: watch::Sender<bool>,
+    /// Idle timeouts are enforced by the kernel (xdp mode): user space keeps no idle deadline.
+    pub kernel_liveness: bool,
+    pub stats: Arc<Stats>,
+    ids: AtomicU64,
+    seed: std::collections::hash_map::RandomState,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>, quic: Arc<QuicBridge>, kernel_liveness: bool) -> Self {
+        let session = config.session_config();
+        let conns = Registry::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        );
+        Shared {
+            config,
+            session,
+            clock: Clock::new(std::time::Instant::now()),
+            conns,
+            quic,
+            drain: watch::channel(false).0,
+            kernel_liveness,
+            stats: Arc::new(Stats::default()),
+            ids: AtomicU64::new(0),
+            seed: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.at(std::time::Instant::now())
+    }
+
+    /// A fresh session id: unique in this process, unpredictable across processes. It only
+    /// names sessions in logs (no authority hangs on it), so keyed SipHash is enough.
+    pub fn session_id(&self) -> SessionId {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        let half = |salt: u64| {
+            let mut h = self.seed.build_hasher();
+            h.write_u64(n);
+            h.write_u64(salt);
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
+            h.finish()
+        };
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&half(1).to_be_bytes());
+        id[8..].copy_from_slice(&half(2).to_be_bytes());
+        SessionId(id)
+    }
+}
+
+/// Event counts the process keeps itself (tests and the admin endpoint read them; the same
+/// events also go to `metrics`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub handshakes: AtomicU64,
+    pub refusals: AtomicU64,
+    pub idle_closes: AtomicU64,
+    pub server_pings: AtomicU64,
+    pub goaways: AtomicU64,
+    pub quic_migrations: AtomicU64,
+    pub proxy_refusals: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A WebSocket close to send: code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsClose {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl From<&Close> for WsClose {
+    fn from(c: &Close) -> Self {
+        WsClose {
+            code: c.close_code(),
+            reason: c.reason.to_string(),
+        }
+    }
+}

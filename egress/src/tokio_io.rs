@@ -1,0 +1,545 @@
+//! The portable backend: tokio + tokio-tungstenite, one task per connection. Runs the same
+//! `proto` server session as the io_uring backend. No task owns a timer: deadlines go to the
+//! registry's sweep.
+
+use crate::metrics as m;
+use crate::registry::{Admission, Registration};
+use crate::shared::{Shared, WsClose};
+use broflake_proto::frame::{self, Frame};
+use broflake_proto::{Close, ErrorCode, ServerEvent, ServerSession};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Accepts connections on one listener until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let kind = if tls.is_some() { "wss" } else { "ws" };
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        metrics::counter!(m::CONNECTIONS_ACCEPTED, "backend" => "tokio", "listener" => kind)
+            .increment(1);
+        let reg = match shared.conns.register(peer) {
+            Ok(r) => r,
+            Err(why) => {
+                metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "over_limit").increment(1);
+                tracing::debug!(%peer, why, "connection rejected");
+                continue; // dropping the stream closes it
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let timeout = shared.config.liveness.handshake_timeout;
+            match tls {
+                None => connection(stream, peer, reg, shared).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => connection(s, peer, reg, shared).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "tls").increment(1);
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout")
+                                .increment(1);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The tungstenite buffer settings: small, explicit (the defaults cost ~90 KB a connection).
+pub fn ws_config(shared: &Shared) -> WebSocketConfig {
+    let l = &shared.config.limits;
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(Some(l.max_message_size as usize))
+        .max_frame_size(Some(l.max_message_size as usize))
+}
+
+async fn connection<S>(stream: S, peer: SocketAddr, reg: Registration, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &shared.config;
+    let path = cfg.listen.path.clone();
+    let (min_v, max_v) = (shared.session.min_version, shared.session.max_version);
+    let mut refused_label = None;
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let protocols = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        match crate::upgrade::check(req.uri().path(), &path, protocols, min_v, max_v) {
+            Ok(selected) => {
+                let token =
+                    HeaderValue::from_str(&selected.token()).expect("token is a valid header");
+                resp.headers_mut().insert("sec-websocket-protocol", token);
+                Ok(resp)
+            }
+            Err(r) => {
+                refused_label = Some(r.label);
+                let mut e = ErrorResponse::new(Some(format!("{}\n", r.reason)));
+                *e.status_mut() = StatusCode::from_u16(r.status).expect("valid status");
+                e.headers_mut()
+                    .insert("sec-websocket-version", HeaderValue::from_static("13"));
+                Err(e)
+            }
+        }
+    };
+    let accept =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(&shared)));
+    let ws = match tokio::time::timeout(cfg.liveness.handshake_timeout, accept).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            let label = refused_label.unwrap_or("bad_request");
+            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => label).increment(1);
+            tracing::debug!(%peer, error = %e, "upgrade refused");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout").increment(1);
+            tracing::debug!(%peer, "upgrade timed out");
+            return;
+        }
+    };
+    Conn::new(ws, reg, shared).run().await;
+}
+
+/// One connection's state in the tokio backend.
+struct Conn<S> {
+    ws: WebSocketStream<S>,
+    reg: Registration,
+    shared: Arc<Shared>,
+    session: ServerSession,
+    /// DATA frames from the QUIC endpoint, already encoded.
+    out_tx: mpsc::Sender<Bytes>,
+    out_rx: mpsc::Receiver<Bytes>,
+    /// label → route id in the QUIC bridge. Empty (no heap) on idle connections.
+    routes: HashMap<u64, u64>,
+    tx: Vec<u8>,
+    state: &'static str,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(ws: WebSocketStream<S>, reg: Registration, shared: Arc<Shared>) -> Self {
+        let (out_tx, out_rx) = mpsc::channel(shared.config.limits.send_queue_packets);
+        let session = ServerSession::new(shared.now());
+        Conn {
+            ws,
+            reg,
+            shared,
+            session,
+            out_tx,
+            out_rx,
+            routes: HashMap::new(),
+            tx: Vec::new(),
+            state: "handshaking",
+        }
+    }
+
+    fn set_state(&mut self, state: &'static str) {
+        metrics::gauge!(m::CONNECTIONS, "backend" => "tokio", "state" => self.state).decrement(1.0);
+        metrics::gauge!(m::CONNECTIONS, "backend" => "tokio", "state" => state).increment(1.0);
+        self.state = state;
+    }
+
+    async fn run(mut self) {
+        metrics::gauge!(m::CONNECTIONS, "backend" => "tokio", "state" => self.state).increment(1.0);
+        let mut drain = self.shared.drain.subscribe();
+        let end = self.serve(&mut drain).await;
+        self.finish(end).await;
+        metrics::gauge!(m::CONNECTIONS, "backend" => "tokio", "state" => self.state).decrement(1.0);
+        for (_, id) in self.routes.drain() {
+            self.shared.quic.close_route(id);
+        }
+    }
+
+    /// Runs until the connection must end; returns how.
+    async fn serve(&mut self, drain: &mut watch::Receiver<bool>) -> Option<WsClose> {
+        if *drain.borrow_and_update() {
+            self.start_drain();
+        }
+        loop {
+            self.publish_deadline();
+            let end: Option<WsClose> = tokio::select! {
+                _ = self.reg.handle.wake.notified() => self.on_deadline(),
+                _ = drain.changed() => {
+                    self.start_drain();
+                    None
+                }
+                msg = self.ws.next() => match msg {
+                    None => return None,
+                    Some(Ok(msg)) => self.on_message(msg).err(),
+                    Some(Err(e)) => Some(ws_error(e)?),
+                },
+                Some(first) = self.out_rx.recv() => {
+                    self.coalesce(first);
+                    None
+                }
+            };
+            if !self.flush().await {
+                return None;
+            }
+            if end.is_some() {
+                return end;
+            }
+        }
+    }
+
+    fn publish_deadline(&self) {
+        let cfg = &self.shared.session;
+        let t = match self.shared.kernel_liveness {
+            // The kernel watches idleness; user space keeps only the handshake, server-ping
+            // and drain deadlines.
+            true if self.session.is_open()
+                && !self.session.server_pings()
+                && !self.session.is_draining() =>
+            {
+                None
+            }
+            _ => self.session.next_timeout(cfg),
+        };
+        self.reg.handle.set_deadline(t);
+    }
+
+    fn on_deadline(&mut self) -> Option<WsClose> {
+        let now = self.shared.now();
+        let before = self.tx.len();
+        match self
+            .session
+            .on_timeout(&self.shared.session, now, &mut self.tx)
+        {
+            Ok(()) => {
+                if self.tx.len() > before {
+                    self.shared
+                        .stats
+                        .server_pings
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::SERVER_PINGS).increment(1);
+                    metrics::counter!(m::FRAMES_SENT, "type" => "ping").increment(1);
+                }
+                None
+            }
+            Err(close) => {
+                if close.code == ErrorCode::IDLE_TIMEOUT {
+                    let source = if self.session.server_pings() {
+                        "server-ping"
+                    } else {
+                        "userspace"
+                    };
+                    self.shared
+                        .stats
+                        .idle_closes
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::IDLE_CLOSES, "source" => source).increment(1);
+                }
+                if close.code == ErrorCode::HANDSHAKE_TIMEOUT {
+                    self.count_refusal(&close);
+                }
+                Some(WsClose::from(&close))
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        let now = self.shared.now();
+        let d = &self.shared.config.drain;
+        let grace = u64::try_from(d.grace.as_millis()).unwrap_or(u64::MAX);
+        if self.session.is_open() && !self.session.is_draining() {
+            self.session.goaway(now, grace, &d.reconnect, &mut self.tx);
+            self.shared.stats.goaways.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::FRAMES_SENT, "type" => "goaway").increment(1);
+            self.set_state("draining");
+        }
+    }
+
+    fn coalesce(&mut self, first: Bytes) {
+        // Several DATA frames may share one message, up to the client's frame limit.
+        let limit = self.shared.session.max_frame_size as usize;
+        self.tx.extend_from_slice(&first);
+        let mut n = 1;
+        while self.tx.len() < limit {
+            match self.out_rx.try_recv() {
+                Ok(p) => {
+                    self.tx.extend_from_slice(&p);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::counter!(m::FRAMES_SENT, "type" => "data").increment(n);
+    }
+
+    /// Sends what the session wrote, within the write timeout.
+    async fn flush(&mut self) -> bool {
+        if self.tx.is_empty() {
+            return true;
+        }
+        let msg = Message::Binary(Bytes::from(std::mem::take(&mut self.tx)));
+        let len = msg.len() as u64;
+        match tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await
+        {
+            Ok(Ok(())) => {
+                metrics::counter!(m::BYTES_SENT).increment(len);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.reg.handle.peer, error = %e, "send failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(peer = %self.reg.handle.peer, "peer stopped reading; dropping it");
+                metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "write_timeout").increment(1);
+                false
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), WsClose> {
+        let now = self.shared.now();
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Text(_) => {
+                metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "text_message").increment(1);
+                return Err(WsClose {
+                    code: 1003,
+                    reason: "text messages are not allowed".into(),
+                });
+            }
+            Message::Ping(_) | Message::Pong(_) => {
+                self.session.touch(now);
+                return Ok(());
+            }
+            Message::Close(_) => {
+                return Err(WsClose {
+                    code: 1000,
+                    reason: String::new(),
+                })
+            }
+            Message::Frame(_) => return Ok(()),
+        };
+        metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
+        // The frame limit is fixed at the start of each message (PROTOCOL.md §4).
+        let limit = self.session.max_frame_size(&self.shared.session);
+        let mut rest: &[u8] = &bytes;
+        while !rest.is_empty() {
+            let decoded = match frame::decode(rest, limit) {
+                Ok(d) => d,
+                Err(e) => {
+                    let close = self.session.decode_error(&e, &mut self.tx);
+                    metrics::counter!(m::FRAMES_RECEIVED, "type" => "invalid").increment(1);
+                    return Err(self.closing(close));
+                }
+            };
+            rest = &rest[decoded.len..];
+            metrics::counter!(m::FRAMES_RECEIVED, "type" => decoded.frame.name()).increment(1);
+            if matches!(decoded.frame, Frame::Ping { .. }) {
+                metrics::counter!(m::FRAMES_SENT, "type" => "pong").increment(1);
+            }
+            let event =
+                match self
+                    .session
+                    .handle_frame(&self.shared.session, now, decoded, &mut self.tx)
+                {
+                    Ok(ev) => ev,
+                    Err(close) => return Err(self.closing(close)),
+                };
+            match event {
+                ServerEvent::Hello { hello, version } => self.on_hello(hello, version)?,
+                ServerEvent::Data {
+                    label,
+                    packet,
+                    new_route,
+                } => {
+                    let id = match self.routes.get(&label) {
+                        Some(id) => *id,
+                        None if new_route => {
+                            let id = self.shared.quic.open_route(self.out_tx.clone(), label);
+                            self.routes.insert(label, id);
+                            id
+                        }
+                        None => continue,
+                    };
+                    self.shared.quic.deliver(id, bytes.slice_ref(packet));
+                }
+                ServerEvent::RouteClosed { label, .. } => {
+                    if let Some(id) = self.routes.remove(&label) {
+                        self.shared.quic.close_route(id);
+                    }
+                }
+                ServerEvent::Pong | ServerEvent::None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_hello(
+        &mut self,
+        hello: broflake_proto::frame::Hello<'_>,
+        version: u64,
+    ) -> Result<(), WsClose> {
+        let refusal = match &self.reg.admission {
+            Admission::Refuse {
+                code,
+                retry_after_ms,
+                reason,
+            } => Some((*code, *retry_after_ms, reason.clone())),
+            _ if *self.shared.drain.borrow() => {
+                Some((ErrorCode::DRAINING, 5_000, "server is draining".to_string()))
+            }
+            _ => None,
+        };
+        if let Some((code, retry, reason)) = refusal {
+            let close = self.session.refuse(code, retry, reason, &mut self.tx);
+            return Err(self.closing(close));
+        }
+        let id = self.shared.session_id();
+        let now = self.shared.now();
+        if let Err(close) = self
+            .session
+            .accept(&self.shared.session, now, id, &mut self.tx)
+        {
+            return Err(self.closing(close));
+        }
+        metrics::counter!(m::HANDSHAKES, "result" => "accepted").increment(1);
+        self.shared.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::FRAMES_SENT, "type" => "welcome").increment(1);
+        tracing::debug!(
+            peer = %self.reg.handle.peer, session = %id, version, role = hello.role.label(),
+            previous = %hello.previous_session, user_agent = hello.extensions.user_agent().unwrap_or(""),
+            "handshake accepted"
+        );
+        self.set_state("open");
+        Ok(())
+    }
+
+    fn count_refusal(&self, close: &Close) {
+        self.shared.stats.refusals.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::HANDSHAKES, "result" => "refused").increment(1);
+        metrics::counter!(m::REFUSALS, "reason" => close.code.label()).increment(1);
+    }
+
+    /// Bookkeeping for a session-decided close; returns the WebSocket close to send.
+    fn closing(&self, close: Close) -> WsClose {
+        if !self.session.is_open()
+            && !close.by_peer
+            && close.code != ErrorCode::NO_ERROR
+            && self.state == "handshaking"
+        {
+            self.count_refusal(&close);
+        }
+        tracing::debug!(peer = %self.reg.handle.peer, %close, "closing");
+        WsClose::from(&close)
+    }
+
+    async fn finish(&mut self, end: Option<WsClose>) {
+        let reason_label = match &end {
+            Some(c) => close_label(c.code),
+            None => "peer_gone",
+        };
+        metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason_label).increment(1);
+        if let Some(c) = end {
+            let frame = CloseFrame {
+                code: CloseCode::from(c.code),
+                reason: c.reason.into(),
+            };
+            // Best effort, bounded: a peer that does not read gets its TCP connection dropped.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.ws.close(Some(frame)),
+            )
+            .await;
+        }
+    }
+}
+
+/// Bounded label for the close-reason metric.
+fn close_label(code: u16) -> &'static str {
+    match code {
+        1000 => "normal",
+        1002 => "ws_protocol_error",
+        1003 => "text_message",
+        1009 => "message_too_big",
+        _ => ErrorCode::from_close_code(code).map_or("other", |c| c.label()),
+    }
+}
+
+/// Maps a WebSocket-level error to the close to send (None: just drop the connection).
+fn ws_error(e: WsError) -> Option<WsClose> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some(WsClose {
+            code: 1009,
+            reason: format!("message of {size} bytes exceeds the limit of {max_size}"),
+        }),
+        WsError::Capacity(c) => Some(WsClose {
+            code: 1009,
+            reason: c.to_string(),
+        }),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(p) => Some(WsClose {
+            code: 1002,
+            reason: p.to_string(),
+        }),
+        WsError::Utf8(_) => Some(WsClose {
+            code: 1007,
+            reason: "invalid UTF-8".into(),
+        }),
+        _ => None,
+    }
+}
+
+/// Binds a listening socket with the configured backlog (and SO_REUSEPORT, which the
+/// io_uring backend needs for one listener per thread).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Accepted stream type for tests that want to drive a connection by hand.
+pub type Stream = TcpStream;

@@ -1,0 +1,195 @@
+//! Test support for the end-to-end suites. Everything here is real: real sockets, a real
+//! egress, a real HTTP server on loopback.
+
+use broflake_egress::config::{Backend, Config, LivenessMode};
+use broflake_proto::frame::{decode_message, Frame};
+use broflake_proto::{binding, ClientConfig, ClientSession, Timestamp};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// A fresh, empty temporary directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "broflake-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// An egress configuration for tests: loopback listeners on ephemeral ports, short
+/// timeouts, loopback destinations allowed (the test servers live there).
+pub fn egress_config(backend: Backend) -> Config {
+    let mut c = Config::default();
+    c.listen.ws = vec!["127.0.0.1:0".parse().unwrap()];
+    c.listen.wss = vec!["127.0.0.1:0".parse().unwrap()];
+    c.tls.state_dir = Some(temp_dir("egress-state"));
+    c.io.backend = backend;
+    c.liveness.mode = LivenessMode::Userspace;
+    c.liveness.keepalive = Duration::from_secs(1);
+    c.liveness.idle_timeout = Duration::from_secs(3);
+    c.liveness.handshake_timeout = Duration::from_secs(2);
+    c.liveness.sweep_interval = Duration::from_millis(100);
+    c.drain.grace = Duration::from_secs(2);
+    c.proxy.allow = vec!["127.0.0.0/8".parse().unwrap()];
+    c
+}
+
+/// The backends end-to-end tests run against.
+pub fn backends() -> Vec<Backend> {
+    vec![Backend::Tokio]
+}
+
+/// Deterministic pseudo-random body bytes (xorshift), so both ends can check them.
+pub fn body(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A minimal HTTP/1.1 server on loopback serving one body for any GET. Returns its address
+/// and the body's SHA-256.
+pub async fn http_server(len: usize, seed: u64) -> (SocketAddr, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = Bytes::from(body(len, seed));
+    let digest = sha256_hex(&body);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                    if req.len() > 64 * 1024 {
+                        return;
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                if s.write_all(head.as_bytes()).await.is_ok() {
+                    let _ = s.write_all(&body).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, digest)
+}
+
+pub type RawWs = WebSocketStream<TcpStream>;
+
+/// Opens a raw WebSocket to an egress with the given subprotocol offer.
+pub async fn raw_ws(
+    addr: SocketAddr,
+    protocols: &str,
+) -> Result<RawWs, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{addr}{}", binding::DEFAULT_PATH).into_client_request()?;
+    if !protocols.is_empty() {
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(protocols).unwrap(),
+        );
+    }
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+    let (ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+    Ok(ws)
+}
+
+/// A raw WebSocket that completed the Broflake handshake (HELLO sent, WELCOME received) and
+/// does nothing else unless told to: the idle client of the tests.
+pub async fn raw_handshaked(addr: SocketAddr, cfg: &ClientConfig) -> RawWs {
+    let mut ws = raw_ws(addr, "broflake.v1, broflake")
+        .await
+        .expect("upgrade");
+    let mut hello = Vec::new();
+    ClientSession::new(1).start(cfg, Timestamp(0), &mut hello);
+    ws.send(Message::Binary(hello.into())).await.unwrap();
+    let msg = next_binary(&mut ws).await.expect("WELCOME");
+    let frames = decode_message(&msg, usize::MAX).unwrap();
+    assert!(
+        matches!(frames[0].frame, Frame::Welcome(_)),
+        "got {frames:?}"
+    );
+    ws
+}
+
+/// The next binary message, skipping WebSocket control frames; `None` on close.
+pub async fn next_binary(ws: &mut RawWs) -> Option<Bytes> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Binary(b)) => return Some(b),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code and reason (1006 if the TCP
+/// connection ended without a close frame), and the Broflake frames seen before it.
+pub async fn until_close(ws: &mut RawWs) -> (u16, String, Vec<String>) {
+    let mut frames = Vec::new();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                for d in decode_message(&b, usize::MAX).unwrap_or_default() {
+                    frames.push(d.frame.name().to_string());
+                }
+            }
+            Some(Ok(Message::Close(Some(f)))) => {
+                return (u16::from(f.code), f.reason.to_string(), frames)
+            }
+            Some(Ok(Message::Close(None))) => {
+                return (u16::from(CloseCode::Status), String::new(), frames)
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (1006, String::new(), frames),
+        }
+    }
+}
+
+/// Encodes frames into one message.
+pub fn message(frames: &[Frame<'_>]) -> Message {
+    let mut out = Vec::new();
+    for f in frames {
+        f.encode(0, &mut out);
+    }
+    Message::Binary(out.into())
+}
