@@ -79,6 +79,8 @@ pub struct Consumer {
     inbound: Inbound,
     /// Incremented whenever the link in use ends.
     pub link_failures: Arc<AtomicU64>,
+    /// Notified whenever the link in use ends.
+    pub link_down: Arc<tokio::sync::Notify>,
     generation: Arc<AtomicU64>,
 }
 
@@ -106,7 +108,8 @@ impl Consumer {
         endpoint.set_default_client_config(client);
         let failures = Arc::new(AtomicU64::new(0));
         let generation = Arc::new(AtomicU64::new(0));
-        attach_link(&sink, &inbound, &failures, &generation, link).await?;
+        let link_down = Arc::new(tokio::sync::Notify::new());
+        attach_link(&sink, &inbound, &failures, &generation, &link_down, link).await?;
         let connection = endpoint.connect(egress_addr(), &cfg.server_name)?.await?;
         Ok(Consumer {
             endpoint,
@@ -114,6 +117,7 @@ impl Consumer {
             sink,
             inbound,
             link_failures: failures,
+            link_down,
             generation,
         })
     }
@@ -125,6 +129,7 @@ impl Consumer {
             &self.inbound,
             &self.link_failures,
             &self.generation,
+            &self.link_down,
             link,
         )
         .await
@@ -200,8 +205,10 @@ async fn attach_link(
     inbound: &Inbound,
     failures: &Arc<AtomicU64>,
     generation: &Arc<AtomicU64>,
+    link_down: &Arc<tokio::sync::Notify>,
     mut link: Link,
 ) -> anyhow::Result<()> {
+    let link_down = link_down.clone();
     let label = link
         .sender
         .open_route()
@@ -230,6 +237,7 @@ async fn attach_link(
         // Only the link in use counts as a failure of the path (not one already replaced).
         if generation.load(Ordering::SeqCst) == gen {
             failures.fetch_add(1, Ordering::SeqCst);
+            link_down.notify_one();
             let mut cur = sink.current.lock().expect("poisoned");
             if cur.as_ref().is_some_and(|(_, _, g)| *g == gen) {
                 *cur = None;

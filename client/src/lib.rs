@@ -8,6 +8,9 @@
 
 pub mod consumer;
 pub mod link;
+pub mod local_proxy;
+pub mod middlebox;
+pub mod relay;
 pub mod transport;
 
 pub use consumer::{Consumer, ProxyError};

@@ -116,9 +116,18 @@ pub enum LinkEvent {
 
 #[derive(Debug)]
 enum Cmd {
-    Data { label: u64, packet: Bytes },
-    OpenRoute(oneshot::Sender<Result<u64, RouteError>>),
-    CloseRoute { label: u64, code: ErrorCode },
+    Data {
+        label: u64,
+        packet: Bytes,
+    },
+    OpenRoute {
+        label: u64,
+        reply: Option<oneshot::Sender<Result<u64, RouteError>>>,
+    },
+    CloseRoute {
+        label: u64,
+        code: ErrorCode,
+    },
     Close,
 }
 
@@ -138,6 +147,10 @@ pub struct LinkStats {
 pub struct LinkSender {
     tx: mpsc::Sender<Cmd>,
     stats: Arc<LinkStats>,
+    /// Labels are allocated here, synchronously, so relays need no round trip per route.
+    next_label: Arc<AtomicU64>,
+    /// The session id the server gave this link.
+    pub session_id: broflake_proto::SessionId,
 }
 
 impl LinkSender {
@@ -155,18 +168,37 @@ impl LinkSender {
         self.tx.send(Cmd::Data { label, packet }).await.is_ok()
     }
 
-    /// Allocates a route label on this link.
+    /// Allocates a route label on this link and waits until the session has it.
     pub async fn open_route(&self) -> Result<u64, RouteError> {
+        let label = self.next_label.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::OpenRoute(tx))
+            .send(Cmd::OpenRoute {
+                label,
+                reply: Some(tx),
+            })
             .await
             .map_err(|_| RouteError::NotOpen)?;
         rx.await.map_err(|_| RouteError::NotOpen)?
     }
 
+    /// Allocates a route label without waiting (packets queued after it use it). Fails only
+    /// if the link's queue is full or closed.
+    pub fn open_route_now(&self) -> Option<u64> {
+        let label = self.next_label.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .try_send(Cmd::OpenRoute { label, reply: None })
+            .ok()
+            .map(|()| label)
+    }
+
     pub async fn close_route(&self, label: u64, code: ErrorCode) {
         let _ = self.tx.send(Cmd::CloseRoute { label, code }).await;
+    }
+
+    /// Queues a ROUTE_CLOSE without waiting.
+    pub fn close_route_now(&self, label: u64, code: ErrorCode) -> bool {
+        self.tx.try_send(Cmd::CloseRoute { label, code }).is_ok()
     }
 
     /// Closes the link (WebSocket close 1000).
@@ -353,7 +385,12 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
     Ok(Link {
         negotiated,
         subprotocol,
-        sender: LinkSender { tx: cmd_tx, stats },
+        sender: LinkSender {
+            tx: cmd_tx,
+            stats,
+            next_label: Arc::new(AtomicU64::new(0)),
+            session_id: negotiated.session_id,
+        },
         events: ev_rx,
         end,
     })
@@ -458,8 +495,14 @@ impl Driver {
                 self.stats.packets_sent.fetch_add(n, Ordering::Relaxed);
                 Step::Continue
             }
-            Some(Cmd::OpenRoute(reply)) => {
-                let _ = reply.send(self.session.open_route());
+            Some(Cmd::OpenRoute { label, reply }) => {
+                let r = self.session.open_route_at(label).map(|()| label);
+                if let Err(e) = &r {
+                    tracing::debug!(url = %self.cfg.url, label, error = %e, "route not opened");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
                 Step::Continue
             }
             Some(Cmd::CloseRoute { label, code }) => {

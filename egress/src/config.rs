@@ -96,6 +96,9 @@ pub struct Liveness {
     pub sweep_interval: Duration,
     /// Interfaces the XDP program attaches to (xdp mode).
     pub interfaces: Vec<String>,
+    /// In userspace/xdp modes, ping clients that do not announce PING (compatibility). Off:
+    /// liveness is purely client-driven and such clients are closed when idle.
+    pub ping_clients_without_ping: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +199,7 @@ impl Default for Liveness {
             handshake_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(1),
             interfaces: Vec::new(),
+            ping_clients_without_ping: true,
         }
     }
 }
@@ -325,8 +329,10 @@ impl Config {
             max_routes: u64::from(self.limits.max_routes_per_connection),
             server_ping: if self.liveness.mode == LivenessMode::ServerPing {
                 ServerPing::All
-            } else {
+            } else if self.liveness.ping_clients_without_ping {
                 ServerPing::Compat
+            } else {
+                ServerPing::Never
             },
             ping_burst: self.limits.ping_burst,
             ping_refill_per_sec: self.limits.ping_refill_per_sec,

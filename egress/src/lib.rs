@@ -146,14 +146,20 @@ impl Egress {
         &self.shared
     }
 
-    /// Starts draining: stop accepting, GOAWAY to every connection; they close at the end
-    /// of the grace period (or earlier, when clients leave).
+    /// Starts draining: GOAWAY to every connection; they close at the end of the grace
+    /// period (or earlier, when clients leave). Until then the listeners stay open, but only
+    /// for clients moving their routes off a draining session (HELLO with its session id as
+    /// `previous_session`); everyone else is refused with DRAINING.
     pub fn drain(&self) {
         if self.shared.drain.send_replace(true) {
             return;
         }
+        let grace = u64::try_from(self.shared.config.drain.grace.as_millis()).unwrap_or(u64::MAX);
+        let deadline = self.shared.now() + grace;
+        self.shared
+            .drain_deadline
+            .store(deadline.as_millis(), std::sync::atomic::Ordering::Relaxed);
         ::metrics::gauge!(crate::metrics::DRAINING).set(1.0);
-        let _ = self.stop.send(true);
         tracing::info!(connections = self.connections(), grace = ?self.shared.config.drain.grace, "draining");
     }
 
@@ -185,10 +191,7 @@ async fn sweeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.changed() => {
-                // Keep sweeping while draining: drain deadlines are swept too.
-                if !*shared.drain.borrow() { return; }
-            }
+            _ = stop.changed() => return,
         }
         let woken = shared.conns.sweep(shared.now());
         ::metrics::counter!(crate::metrics::SWEEPS).increment(1);

@@ -35,6 +35,10 @@ pub async fn serve(endpoint: quinn::Endpoint, settings: Arc<ProxySettings>) {
 
 async fn connection(conn: quinn::Connection, settings: Arc<ProxySettings>) {
     metrics::counter!(m::QUIC_CONNECTIONS_TOTAL).increment(1);
+    settings
+        .stats
+        .quic_connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!(m::QUIC_CONNECTIONS).increment(1.0);
     let mut path = conn.remote_address();
     tracing::debug!(id = conn.stable_id(), %path, "QUIC connection");

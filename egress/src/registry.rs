@@ -7,7 +7,7 @@
 //! therefore own no timer, and the number of wake-ups a second does not grow with the
 //! number of connections that are alive and pinging.
 
-use broflake_proto::{ErrorCode, Timestamp};
+use broflake_proto::{ErrorCode, SessionId, Timestamp};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -59,6 +59,9 @@ pub enum Admission {
 #[derive(Debug, Default)]
 struct Inner {
     conns: HashMap<u64, Arc<ConnHandle>>,
+    /// Accepted sessions by id, and back (a draining server admits their resumptions).
+    sessions: HashMap<SessionId, u64>,
+    session_of: HashMap<u64, SessionId>,
     per_ip: HashMap<IpAddr, u32>,
     next_id: u64,
 }
@@ -158,6 +161,9 @@ impl Registry {
 
     fn unregister(&self, handle: &ConnHandle) {
         let mut inner = self.inner.lock().expect("registry poisoned");
+        if let Some(sid) = inner.session_of.remove(&handle.id) {
+            inner.sessions.remove(&sid);
+        }
         if inner.conns.remove(&handle.id).is_some() {
             if let Some(n) = inner.per_ip.get_mut(&handle.peer.ip()) {
                 *n -= 1;
@@ -167,6 +173,24 @@ impl Registry {
             }
         }
         self.count.store(inner.conns.len(), Ordering::Relaxed);
+    }
+
+    /// Records the session id a connection was given.
+    pub fn set_session(&self, conn: u64, id: SessionId) {
+        let mut inner = self.inner.lock().expect("registry poisoned");
+        inner.sessions.insert(id, conn);
+        inner.session_of.insert(conn, id);
+    }
+
+    /// Whether a session with this id is live here.
+    pub fn has_session(&self, id: SessionId) -> bool {
+        !id.is_none()
+            && self
+                .inner
+                .lock()
+                .expect("registry poisoned")
+                .sessions
+                .contains_key(&id)
     }
 
     /// Wakes every connection whose deadline is at or before `now`; returns how many.

@@ -20,6 +20,8 @@ pub struct Shared {
     pub quic: Arc<QuicBridge>,
     /// Turns true once when draining starts.
     pub drain: watch::Sender<bool>,
+    /// When the drain ends (Timestamp ms; 0 while not draining).
+    pub drain_deadline: AtomicU64,
     /// Idle timeouts are enforced by the kernel (xdp mode): user space keeps no idle deadline.
     pub kernel_liveness: bool,
     pub stats: Arc<Stats>,
@@ -41,6 +43,7 @@ impl Shared {
             conns,
             quic,
             drain: watch::channel(false).0,
+            drain_deadline: AtomicU64::new(0),
             kernel_liveness,
             stats: Arc::new(Stats::default()),
             ids: AtomicU64::new(0),
@@ -85,6 +88,9 @@ pub struct Stats {
     pub server_pings: AtomicU64,
     pub goaways: AtomicU64,
     pub quic_migrations: AtomicU64,
+    pub quic_connections: AtomicU64,
+    /// Connections a draining egress admitted so clients could move their routes.
+    pub resumptions: AtomicU64,
     pub proxy_refusals: AtomicU64,
 }
 

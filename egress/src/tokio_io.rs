@@ -414,13 +414,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         hello: broflake_proto::frame::Hello<'_>,
         version: u64,
     ) -> Result<(), WsClose> {
+        let draining = *self.shared.drain.borrow();
+        let resuming = draining && self.shared.conns.has_session(hello.previous_session);
         let refusal = match &self.reg.admission {
             Admission::Refuse {
                 code,
                 retry_after_ms,
                 reason,
             } => Some((*code, *retry_after_ms, reason.clone())),
-            _ if *self.shared.drain.borrow() => {
+            _ if draining && !resuming => {
                 Some((ErrorCode::DRAINING, 5_000, "server is draining".to_string()))
             }
             _ => None,
@@ -431,6 +433,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         let id = self.shared.session_id();
         let now = self.shared.now();
+        if resuming {
+            // Admitted only to take over the routes of a draining session: it ends with the drain.
+            let deadline = self.shared.drain_deadline.load(Ordering::Relaxed);
+            self.session.close_at(broflake_proto::Timestamp(deadline));
+            self.shared
+                .stats
+                .resumptions
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(close) = self
             .session
             .accept(&self.shared.session, now, id, &mut self.tx)
@@ -445,7 +456,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             previous = %hello.previous_session, user_agent = hello.extensions.user_agent().unwrap_or(""),
             "handshake accepted"
         );
-        self.set_state("open");
+        self.shared.conns.set_session(self.reg.handle.id, id);
+        self.set_state(if resuming { "draining" } else { "open" });
         Ok(())
     }
 

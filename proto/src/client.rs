@@ -99,6 +99,8 @@ pub enum RouteError {
     GoingAway,
     #[error("route limit of {0} reached")]
     Limit(u64),
+    #[error("label {0} is not above every label used before")]
+    LabelReused(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +125,8 @@ pub struct ClientSession {
     next_label: u64,
     routes: Vec<u64>,
     goaway_deadline: Option<Timestamp>,
+    /// Last time anything arrived (for the receive timeout of clients that do not PING).
+    last_rx: Timestamp,
     pings_sent: u64,
     pongs_received: u64,
 }
@@ -141,6 +145,7 @@ impl ClientSession {
             next_label: 0,
             routes: Vec::new(),
             goaway_deadline: None,
+            last_rx: Timestamp::ZERO,
             pings_sent: 0,
             pongs_received: 0,
         }
@@ -263,6 +268,9 @@ impl ClientSession {
                     let dead = sent + self.pong_timeout(cfg);
                     t = Some(t.map_or(dead, |x| x.min(dead)));
                 }
+                if let Some(dead) = self.receive_deadline(cfg) {
+                    t = Some(t.map_or(dead, |x| x.min(dead)));
+                }
                 t
             }
         }
@@ -297,6 +305,13 @@ impl ClientSession {
                         ));
                     }
                 }
+                if self.receive_deadline(cfg).is_some_and(|d| now >= d) {
+                    self.state = State::Closed;
+                    return Err(Close::local(
+                        ErrorCode::IDLE_TIMEOUT,
+                        "receive timeout: nothing heard from the server for longer than its idle timeout",
+                    ));
+                }
                 if let Some(deadline) = self.goaway_deadline {
                     if now >= deadline {
                         self.state = State::Closed;
@@ -313,6 +328,17 @@ impl ClientSession {
                 Ok(())
             }
         }
+    }
+
+    /// Without client PINGs in effect, a client cannot tell a quiet link from a dead one, except
+    /// that the server closes connections idle for `idle_timeout`: silence for longer than
+    /// that (plus one keepalive of margin) means the connection is gone (PROTOCOL.md §10.3).
+    fn receive_deadline(&self, cfg: &ClientConfig) -> Option<Timestamp> {
+        if self.pinging(cfg) || !self.is_open() {
+            return None;
+        }
+        let n = self.negotiated?;
+        Some(self.last_rx + (n.idle_timeout_ms + n.keepalive_ms))
     }
 
     fn send_ping(&mut self, now: Timestamp, tx: &mut Vec<u8>) {
@@ -359,6 +385,7 @@ impl ClientSession {
         tx: &mut Vec<u8>,
     ) -> Result<ClientEvent<'a>, Close> {
         let frame = decoded.frame;
+        self.last_rx = self.last_rx.max(now);
         match self.state {
             State::Idle | State::Closed => Err(Close::local(
                 ErrorCode::PROTOCOL_VIOLATION,
@@ -475,6 +502,25 @@ impl ClientSession {
         self.next_label += 1;
         self.routes.push(label); // ascending by construction
         Ok(label)
+    }
+
+    /// Opens a route on a label the caller allocated (it must be above every label used so
+    /// far on this connection, keeping allocation monotonic).
+    pub fn open_route_at(&mut self, label: u64) -> Result<(), RouteError> {
+        let n = match (self.state, &self.negotiated) {
+            (State::Open, Some(n)) => *n,
+            (State::GoingAway, _) => return Err(RouteError::GoingAway),
+            _ => return Err(RouteError::NotOpen),
+        };
+        if label < self.next_label {
+            return Err(RouteError::LabelReused(label));
+        }
+        if self.routes.len() as u64 >= n.max_routes {
+            return Err(RouteError::Limit(n.max_routes));
+        }
+        self.next_label = label + 1;
+        self.routes.push(label);
+        Ok(())
     }
 
     /// Releases a route and tells the server.

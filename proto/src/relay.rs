@@ -107,6 +107,55 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
         Ok((up, ul, true))
     }
 
+    /// Maps a downstream route onto an upstream label the caller allocated (on the upstream
+    /// connection's client session). Fails if the upstream is full or unknown.
+    pub fn insert(
+        &mut self,
+        link: D,
+        label: u64,
+        up: U,
+        up_label: u64,
+    ) -> Result<(), RouteTableError> {
+        let state = self
+            .upstreams
+            .get_mut(&up)
+            .ok_or(RouteTableError::NoUpstream)?;
+        if state.open >= state.max_routes {
+            return Err(RouteTableError::UpstreamFull(state.max_routes));
+        }
+        state.open += 1;
+        state.next_label = state.next_label.max(up_label + 1);
+        if let Some(old) = self.down.insert((link, label), (up, up_label)) {
+            self.up.remove(&old);
+            if let Some(s) = self.upstreams.get_mut(&old.0) {
+                s.open -= 1;
+            }
+        }
+        self.up.insert((up, up_label), (link, label));
+        Ok(())
+    }
+
+    /// Whether an upstream can take another route.
+    pub fn has_room(&self, up: U) -> bool {
+        self.upstreams
+            .get(&up)
+            .is_some_and(|s| s.open < s.max_routes)
+    }
+
+    /// Open routes carried by an upstream.
+    pub fn load(&self, up: U) -> u64 {
+        self.upstreams.get(&up).map_or(0, |s| s.open)
+    }
+
+    /// The routes carried by an upstream: (downstream link, downstream label, upstream label).
+    pub fn routes_of(&self, up: U) -> Vec<(D, u64, u64)> {
+        self.up
+            .iter()
+            .filter(|((u, _), _)| *u == up)
+            .map(|((_, ul), (d, dl))| (*d, *dl, *ul))
+            .collect()
+    }
+
     /// Releases a route known by its downstream side; returns its upstream side.
     pub fn close_down(&mut self, link: D, label: u64) -> Option<(U, u64)> {
         let (u, l) = self.down.remove(&(link, label))?;

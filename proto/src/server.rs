@@ -23,6 +23,8 @@ pub enum ServerPing {
     Compat,
     /// Every connection (the original design; kept as a mode and as the benchmark baseline).
     All,
+    /// Never: liveness is purely client-driven; clients that do not PING go idle and are closed.
+    Never,
 }
 
 /// Settings shared by every server session.
@@ -142,6 +144,8 @@ pub struct ServerSession {
     ping_refill_at: Timestamp,
     /// When the server last sent a PING.
     last_ping_tx: Timestamp,
+    /// Close the session at this time (resumed sessions of a draining server); 0: never.
+    close_at: Timestamp,
     /// Labels below this have been seen (labels are allocated monotonically).
     next_new_label: u64,
     /// Open labels, sorted. Empty (no heap) on idle connections.
@@ -162,6 +166,7 @@ impl ServerSession {
             last_rx: now,
             ping_refill_at: now,
             last_ping_tx: now,
+            close_at: Timestamp::ZERO,
             next_new_label: 0,
             routes: Vec::new(),
         }
@@ -233,6 +238,9 @@ impl ServerSession {
         if self.state == State::Draining {
             t = t.min(self.ping_refill_at);
         }
+        if self.close_at != Timestamp::ZERO {
+            t = t.min(self.close_at);
+        }
         Some(t)
     }
 
@@ -266,7 +274,9 @@ impl ServerSession {
             let reason = format!("nothing received for {} ms", cfg.idle_timeout_ms);
             return Err(self.fail(ErrorCode::IDLE_TIMEOUT, reason, tx));
         }
-        if self.state == State::Draining && now >= self.ping_refill_at {
+        if (self.state == State::Draining && now >= self.ping_refill_at)
+            || (self.close_at != Timestamp::ZERO && now >= self.close_at)
+        {
             self.state = State::Closed;
             return Err(Close::local(ErrorCode::DRAINING, "drained"));
         }
@@ -424,7 +434,11 @@ impl ServerSession {
             session_id.0[15] = 1;
         }
         let client = Capabilities(u64::from(self.client_caps));
-        self.server_pings = cfg.server_ping == ServerPing::All || !client.has(Capabilities::PING);
+        self.server_pings = match cfg.server_ping {
+            ServerPing::All => true,
+            ServerPing::Compat => !client.has(Capabilities::PING),
+            ServerPing::Never => false,
+        };
         let mut caps =
             client.0 & (Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY);
         if self.server_pings {
@@ -608,6 +622,12 @@ impl ServerSession {
         .encode(0, tx);
         self.state = State::Draining;
         self.ping_refill_at = now + grace_ms;
+    }
+
+    /// Makes an open session end at `at` with DRAINING "drained", without a GOAWAY: for a
+    /// connection a draining server admitted so a client could move its routes (PROTOCOL.md §11).
+    pub fn close_at(&mut self, at: Timestamp) {
+        self.close_at = at.max(Timestamp(1));
     }
 
     /// Writes a DATA frame on an open route (QUIC packet towards the client).

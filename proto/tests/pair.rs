@@ -1087,3 +1087,36 @@ fn relay_table_migrates_routes_on_goaway_and_cleans_up_links() {
         Err(broflake_proto::relay::RouteTableError::UpstreamFull(1))
     );
 }
+
+#[test]
+fn a_client_that_does_not_ping_detects_a_dead_link_by_the_receive_timeout() {
+    // Pure client-driven liveness (the server never pings) and a client that does not PING:
+    // the original problem. The middlebox has silently cut the flow.
+    let scfg = ServerConfig {
+        server_ping: ServerPing::Never,
+        ..ServerConfig::default()
+    };
+    let ccfg = ClientConfig {
+        send_pings: false,
+        ..ClientConfig::default()
+    };
+    let mut p = Pair::new(scfg, ccfg);
+    p.start();
+    assert!(!p.server.server_pings());
+    let t0 = p.now;
+    p.drop_to_client = true;
+    p.drop_to_server = true;
+    p.advance(120_000);
+    assert_eq!(
+        p.server_closed_at.unwrap().since(t0),
+        60_000,
+        "server: idle timeout"
+    );
+    let c = p.client_close.as_ref().unwrap();
+    assert!(c.reason.starts_with("receive timeout"), "{c}");
+    assert_eq!(
+        p.client_closed_at.unwrap().since(t0),
+        80_000,
+        "client: idle timeout + one keepalive"
+    );
+}

@@ -15,7 +15,25 @@ fn quiet_ok(cmd: &mut Command) -> bool {
 /// Everything the test command needs.
 pub fn all() -> Result<()> {
     runtime()?;
+    apt(&[("curl", "curl")])?;
     fuzz_tools()
+}
+
+/// Installs Debian packages whose command is missing: (command, package) pairs.
+pub fn apt(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !quiet_ok(Command::new("sh").args(["-c", &format!("command -v {cmd}")])))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    sh(Command::new("apt-get").arg("update"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// What running the egress needs (nothing beyond Rust yet).

@@ -1,0 +1,570 @@
+//! The relay (a volunteer's "widget"): pre-opens a pool of links to the egress (or to an
+//! upstream relay), keeps them alive with client-driven PING, replaces dead ones with capped
+//! exponential backoff, follows GOAWAY, and label-switches consumers' routes onto them.
+//!
+//! Downstream peers (consumers, or relays further down a chain) connect over WebSocket,
+//! standing in for the WebRTC data channels of production, and get the server side of the
+//! protocol from the same `proto` session the egress runs.
+
+use crate::link::{Link, LinkConfig, LinkEvent, LinkSender};
+use broflake_proto::relay::RouteTable;
+use broflake_proto::server::{ServerConfig, ServerEvent, ServerSession};
+use broflake_proto::time::Clock;
+use broflake_proto::{binding, ErrorCode, SessionId};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The upstream links' settings (URL of the egress or of another relay).
+    pub upstream: LinkConfig,
+    /// Links kept open before any consumer arrives.
+    pub pool: usize,
+    /// Where downstream peers connect (`ws://ADDR/…`).
+    pub listen: SocketAddr,
+    /// Protocol settings for downstream sessions.
+    pub downstream: ServerConfig,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl RelayConfig {
+    pub fn new(upstream: LinkConfig, listen: SocketAddr) -> Self {
+        RelayConfig {
+            upstream,
+            pool: 3,
+            listen,
+            downstream: ServerConfig::default(),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of a relay.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Successful upstream handshakes.
+    pub connects: AtomicU64,
+    /// Upstream links that ended and were replaced.
+    pub reconnects: AtomicU64,
+    /// Failed connection attempts.
+    pub connect_failures: AtomicU64,
+    pub goaways: AtomicU64,
+    /// Upstream links open now.
+    pub upstream_open: AtomicU64,
+    pub downstream_links: AtomicU64,
+    pub routes_opened: AtomicU64,
+    pub routes_migrated: AtomicU64,
+    pub packets_up: AtomicU64,
+    pub packets_down: AtomicU64,
+}
+
+/// A running relay. Dropping it stops everything.
+#[derive(Debug)]
+pub struct Relay {
+    pub listen_addr: SocketAddr,
+    pub stats: Arc<RelayStats>,
+    tasks: JoinSet<()>,
+}
+
+impl Relay {
+    pub async fn start(cfg: RelayConfig) -> std::io::Result<Relay> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        let listen_addr = listener.local_addr()?;
+        let stats = Arc::new(RelayStats::default());
+        let (router_tx, router_rx) = mpsc::channel(8192);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(Router::new(stats.clone()).run(router_rx));
+        for slot in 0..cfg.pool {
+            tasks.spawn(slot_task(
+                slot as u64,
+                cfg.clone(),
+                router_tx.clone(),
+                stats.clone(),
+            ));
+        }
+        tasks.spawn(accept_loop(
+            listener,
+            cfg.downstream.clone(),
+            router_tx,
+            stats.clone(),
+        ));
+        Ok(Relay {
+            listen_addr,
+            stats,
+            tasks,
+        })
+    }
+
+    /// Stops the relay at once (links and downstream connections drop without goodbye: a
+    /// relay dying, as tests need).
+    pub async fn kill(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}{}", self.listen_addr, binding::DEFAULT_PATH)
+    }
+}
+
+type UpId = u64;
+type DownId = u64;
+
+enum Ev {
+    UpOpen {
+        up: UpId,
+        sender: LinkSender,
+        max_routes: u64,
+    },
+    UpData {
+        up: UpId,
+        label: u64,
+        packet: Bytes,
+    },
+    UpRouteClosed {
+        up: UpId,
+        label: u64,
+        code: ErrorCode,
+    },
+    /// `from` got GOAWAY; `to` is its replacement: move the routes, then close `from`.
+    UpMigrate {
+        from: UpId,
+        to: UpId,
+    },
+    UpClosed {
+        up: UpId,
+    },
+    DownOpen {
+        down: DownId,
+        tx: mpsc::Sender<DownCmd>,
+    },
+    DownData {
+        down: DownId,
+        label: u64,
+        packet: Bytes,
+    },
+    DownRouteClosed {
+        down: DownId,
+        label: u64,
+    },
+    DownClosed {
+        down: DownId,
+    },
+}
+
+#[derive(Debug)]
+enum DownCmd {
+    Data { label: u64, packet: Bytes },
+    RouteClose { label: u64, code: ErrorCode },
+}
+
+struct Up {
+    sender: LinkSender,
+    going_away: bool,
+}
+
+/// Owns the route table. Never awaits anything but its input, so it cannot deadlock with
+/// the links and connections that feed it; what it sends on is `try_send` (a full queue
+/// drops the packet, which QUIC recovers from).
+struct Router {
+    table: RouteTable<DownId, UpId>,
+    ups: HashMap<UpId, Up>,
+    downs: HashMap<DownId, mpsc::Sender<DownCmd>>,
+    stats: Arc<RelayStats>,
+}
+
+impl Router {
+    fn new(stats: Arc<RelayStats>) -> Self {
+        Router {
+            table: RouteTable::new(),
+            ups: HashMap::new(),
+            downs: HashMap::new(),
+            stats,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Ev>) {
+        while let Some(ev) = rx.recv().await {
+            self.on_event(ev);
+        }
+    }
+
+    /// The least loaded upstream that is not going away and has room.
+    fn pick(&self) -> Option<UpId> {
+        self.ups
+            .iter()
+            .filter(|(id, u)| !u.going_away && !u.sender.is_closed() && self.table.has_room(**id))
+            .min_by_key(|(id, _)| (self.table.load(**id), **id))
+            .map(|(id, _)| *id)
+    }
+
+    fn map_new(&mut self, down: DownId, label: u64) -> Option<(UpId, u64)> {
+        let up = self.pick()?;
+        let ul = self.ups[&up].sender.open_route_now()?;
+        self.table.insert(down, label, up, ul).ok()?;
+        self.stats.routes_opened.fetch_add(1, Ordering::Relaxed);
+        Some((up, ul))
+    }
+
+    fn on_event(&mut self, ev: Ev) {
+        match ev {
+            Ev::UpOpen {
+                up,
+                sender,
+                max_routes,
+            } => {
+                self.table.add_upstream(up, max_routes);
+                self.ups.insert(
+                    up,
+                    Up {
+                        sender,
+                        going_away: false,
+                    },
+                );
+            }
+            Ev::UpData { up, label, packet } => {
+                if let Some((down, dl)) = self.table.downstream_of(up, label) {
+                    if let Some(tx) = self.downs.get(&down) {
+                        if tx.try_send(DownCmd::Data { label: dl, packet }).is_ok() {
+                            self.stats.packets_down.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Ev::UpRouteClosed { up, label, code } => {
+                if let Some((down, dl)) = self.table.close_up(up, label) {
+                    if let Some(tx) = self.downs.get(&down) {
+                        let _ = tx.try_send(DownCmd::RouteClose { label: dl, code });
+                    }
+                }
+            }
+            Ev::UpMigrate { from, to } => {
+                if let Some(u) = self.ups.get_mut(&from) {
+                    u.going_away = true;
+                }
+                for (down, dl, old) in self.table.routes_of(from) {
+                    self.table.close_up(from, old);
+                    let mapped = self
+                        .ups
+                        .get(&to)
+                        .and_then(|u| u.sender.open_route_now())
+                        .and_then(|ul| self.table.insert(down, dl, to, ul).ok().map(|()| ul));
+                    if mapped.is_some() {
+                        self.stats.routes_migrated.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if let Some(u) = self.ups.get(&from) {
+                    let sender = u.sender.clone();
+                    tokio::spawn(async move { sender.close().await });
+                }
+            }
+            Ev::UpClosed { up } => {
+                self.ups.remove(&up);
+                // Routes are re-mapped lazily, on their next packet (PROTOCOL.md §12).
+                self.table.remove_upstream(up);
+            }
+            Ev::DownOpen { down, tx } => {
+                self.downs.insert(down, tx);
+            }
+            Ev::DownData {
+                down,
+                label,
+                packet,
+            } => {
+                let target = match self.table.upstream_of(down, label) {
+                    Some((up, ul)) if self.ups.get(&up).is_some_and(|u| !u.sender.is_closed()) => {
+                        Some((up, ul))
+                    }
+                    Some((up, ul)) => {
+                        self.table.close_up(up, ul);
+                        self.map_new(down, label)
+                    }
+                    None => self.map_new(down, label),
+                };
+                if let Some((up, ul)) = target {
+                    if self.ups[&up].sender.send_packet(ul, packet) {
+                        self.stats.packets_up.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ev::DownRouteClosed { down, label } => {
+                if let Some((up, ul)) = self.table.close_down(down, label) {
+                    if let Some(u) = self.ups.get(&up) {
+                        u.sender.close_route_now(ul, ErrorCode::NO_ERROR);
+                    }
+                }
+            }
+            Ev::DownClosed { down } => {
+                self.downs.remove(&down);
+                for (up, ul) in self.table.remove_link(down) {
+                    if let Some(u) = self.ups.get(&up) {
+                        u.sender.close_route_now(ul, ErrorCode::NO_ERROR);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static UP_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Capped exponential backoff with full jitter.
+fn backoff(
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+    seed: &mut broflake_proto::grease::Rng,
+) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let ms = u64::try_from(exp.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(seed.below(ms + 1))
+}
+
+/// Keeps one pool slot filled: connect, pump, replace on death or GOAWAY.
+async fn slot_task(slot: u64, cfg: RelayConfig, router: mpsc::Sender<Ev>, stats: Arc<RelayStats>) {
+    let mut rng = broflake_proto::grease::Rng::new(
+        cfg.upstream.seed ^ slot.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    let mut attempt = 0u32;
+    let mut previous = SessionId::NONE;
+    let mut replacing: Option<UpId> = None;
+    loop {
+        let mut lc = cfg.upstream.clone();
+        lc.seed = rng.next_u64();
+        lc.client.previous_session = previous;
+        let link = match Link::connect(lc).await {
+            Ok(l) => l,
+            Err(e) => {
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                let mut wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap, &mut rng);
+                if let Some(c) = e.refusal() {
+                    wait = wait.max(Duration::from_millis(c.retry_after_ms));
+                }
+                tracing::debug!(slot, error = %e, ?wait, "upstream connect failed");
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        attempt = 0;
+        stats.connects.fetch_add(1, Ordering::Relaxed);
+        stats.upstream_open.fetch_add(1, Ordering::Relaxed);
+        let up = UP_IDS.fetch_add(1, Ordering::Relaxed);
+        previous = link.sender.session_id;
+        let ev = Ev::UpOpen {
+            up,
+            sender: link.sender.clone(),
+            max_routes: link.negotiated.max_routes,
+        };
+        if router.send(ev).await.is_err() {
+            return;
+        }
+        if let Some(from) = replacing.take() {
+            let _ = router.send(Ev::UpMigrate { from, to: up }).await;
+        }
+        // Pump this link's events; stop at its end or at GOAWAY (a replacement is opened and
+        // the old link keeps delivering until the router closes it).
+        let (done_tx, mut done_rx) = mpsc::channel::<bool>(1);
+        tokio::spawn(pump(link, up, router.clone(), stats.clone(), done_tx));
+        match done_rx.recv().await {
+            Some(true) => {
+                stats.goaways.fetch_add(1, Ordering::Relaxed);
+                replacing = Some(up);
+            }
+            _ => {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                let wait = backoff(0, cfg.backoff_base, cfg.backoff_cap, &mut rng);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Forwards one link's events to the router. Tells the slot `true` on GOAWAY, `false` when
+/// the link ended (without an earlier GOAWAY).
+async fn pump(
+    mut link: Link,
+    up: UpId,
+    router: mpsc::Sender<Ev>,
+    stats: Arc<RelayStats>,
+    done: mpsc::Sender<bool>,
+) {
+    let mut told = false;
+    while let Some(ev) = link.events.recv().await {
+        let out = match ev {
+            LinkEvent::Data { label, packet } => Ev::UpData { up, label, packet },
+            LinkEvent::RouteClosed { label, code } => Ev::UpRouteClosed { up, label, code },
+            LinkEvent::GoAway { .. } => {
+                if !told {
+                    told = true;
+                    let _ = done.send(true).await;
+                }
+                continue;
+            }
+            LinkEvent::Closed { reason, .. } => {
+                tracing::debug!(up, %reason, "upstream link ended");
+                break;
+            }
+        };
+        if router.send(out).await.is_err() {
+            return;
+        }
+    }
+    stats.upstream_open.fetch_sub(1, Ordering::Relaxed);
+    let _ = router.send(Ev::UpClosed { up }).await;
+    if !told {
+        let _ = done.send(false).await;
+    }
+}
+
+static DOWN_IDS: AtomicU64 = AtomicU64::new(1);
+
+async fn accept_loop(
+    listener: TcpListener,
+    cfg: ServerConfig,
+    router: mpsc::Sender<Ev>,
+    stats: Arc<RelayStats>,
+) {
+    let cfg = Arc::new(cfg);
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let down = DOWN_IDS.fetch_add(1, Ordering::Relaxed);
+        let (cfg, router, stats) = (cfg.clone(), router.clone(), stats.clone());
+        tokio::spawn(async move {
+            stats.downstream_links.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = downstream(stream, down, cfg, router.clone()).await {
+                tracing::debug!(%peer, error = %e, "downstream link ended");
+            }
+            stats.downstream_links.fetch_sub(1, Ordering::Relaxed);
+            let _ = router.send(Ev::DownClosed { down }).await;
+        });
+    }
+}
+
+/// One downstream link: the server side of the protocol, routes handed to the router.
+async fn downstream(
+    stream: TcpStream,
+    down: DownId,
+    cfg: Arc<ServerConfig>,
+    router: mpsc::Sender<Ev>,
+) -> anyhow::Result<()> {
+    let (min_v, max_v) = (cfg.min_version, cfg.max_version);
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let offered = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        match binding::select(offered, min_v, max_v) {
+            Ok(sel) => {
+                resp.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    HeaderValue::from_str(&sel.token()).expect("token"),
+                );
+                Ok(resp)
+            }
+            Err(e) => {
+                let mut r = ErrorResponse::new(Some(e.to_string()));
+                *r.status_mut() = StatusCode::from_u16(e.status()).expect("status");
+                Err(r)
+            }
+        }
+    };
+    let mut ws = tokio::time::timeout(
+        Duration::from_millis(cfg.handshake_timeout_ms),
+        tokio_tungstenite::accept_hdr_async(stream, callback),
+    )
+    .await??;
+    let (tx_cmd, mut rx_cmd) = mpsc::channel::<DownCmd>(1024);
+    router.send(Ev::DownOpen { down, tx: tx_cmd }).await?;
+    let clock = Clock::new(std::time::Instant::now());
+    let now = || clock.at(std::time::Instant::now());
+    let mut session = ServerSession::new(now());
+    let mut ids = broflake_proto::grease::Rng::new(crate::link::seed());
+    let mut tx = Vec::new();
+    loop {
+        let wake = session
+            .next_timeout(&cfg)
+            .map(|t| tokio::time::Instant::from_std(clock.instant(t)))
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let mut end = None;
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {
+                if let Err(c) = session.on_timeout(&cfg, now(), &mut tx) { end = Some(c) }
+            }
+            cmd = rx_cmd.recv() => match cmd {
+                Some(DownCmd::Data { label, packet }) => {
+                    session.send_data(label, &packet, &mut tx);
+                    while tx.len() < cfg.max_frame_size as usize {
+                        match rx_cmd.try_recv() {
+                            Ok(DownCmd::Data { label, packet }) => { session.send_data(label, &packet, &mut tx); }
+                            Ok(DownCmd::RouteClose { label, code }) => { session.close_route(label, code, &mut tx); }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(DownCmd::RouteClose { label, code }) => { session.close_route(label, code, &mut tx); }
+                None => return Ok(()),
+            },
+            msg = ws.next() => {
+                let bytes = match msg {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Close(_))) | None => return Ok(()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                };
+                let mut events = Vec::new();
+                let r = session.handle_message(&cfg, now(), &bytes, &mut tx, |s, ev, tx| {
+                    match ev {
+                        ServerEvent::Hello { .. } => {
+                            let mut id = [0u8; 16];
+                            id[..8].copy_from_slice(&ids.next_u64().to_be_bytes());
+                            id[8..].copy_from_slice(&ids.next_u64().to_be_bytes());
+                            s.accept(&cfg, now(), SessionId(id), tx)?;
+                        }
+                        ServerEvent::Data { label, packet, .. } => {
+                            events.push(Ev::DownData { down, label, packet: bytes.slice_ref(packet) })
+                        }
+                        ServerEvent::RouteClosed { label, .. } => events.push(Ev::DownRouteClosed { down, label }),
+                        ServerEvent::Pong | ServerEvent::None => {}
+                    }
+                    Ok(())
+                });
+                for ev in events {
+                    router.send(ev).await?;
+                }
+                if let Err(c) = r { end = Some(c) }
+            }
+        }
+        if !tx.is_empty() {
+            ws.send(Message::Binary(Bytes::from(std::mem::take(&mut tx))))
+                .await?;
+        }
+        if let Some(c) = end {
+            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: c.close_code().into(),
+                reason: c.reason.to_string().into(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+            return Ok(());
+        }
+    }
+}
