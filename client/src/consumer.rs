@@ -111,46 +111,20 @@ impl Consumer {
         let link_down = Arc::new(tokio::sync::Notify::new());
         attach_link(&sink, &inbound, &failures, &generation, &link_down, link).await?;
         let connection = endpoint.connect(egress_addr(), &cfg.server_name)?.await?;
-        Ok(Consumer {
-            endpoint,
-            connection,
-            sink,
-            inbound,
-            link_failures: failures,
-            link_down,
-            generation,
-        })
+        Ok(Consumer { endpoint, connection, sink, inbound, link_failures: failures, link_down, generation })
     }
 
     /// Moves the QUIC connection onto a route of another link (failover, GOAWAY).
     pub async fn attach(&self, link: Link) -> anyhow::Result<()> {
-        attach_link(
-            &self.sink,
-            &self.inbound,
-            &self.link_failures,
-            &self.generation,
-            &self.link_down,
-            link,
-        )
-        .await
+        attach_link(&self.sink, &self.inbound, &self.link_failures, &self.generation, &self.link_down, link).await
     }
 
     /// Opens a proxy stream to `host:port`; returns the stream once the egress connected.
-    pub async fn open(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), ProxyError> {
-        let (mut send, mut recv) = self
-            .connection
-            .open_bi()
-            .await
-            .map_err(|e| ProxyError::Quic(e.to_string()))?;
+    pub async fn open(&self, host: &str, port: u16) -> Result<(quinn::SendStream, quinn::RecvStream), ProxyError> {
+        let (mut send, mut recv) = self.connection.open_bi().await.map_err(|e| ProxyError::Quic(e.to_string()))?;
         let mut req = Vec::new();
         ProxyRequest { host, port }.encode(&mut req);
-        send.write_all(&req)
-            .await
-            .map_err(|e| ProxyError::Quic(e.to_string()))?;
+        send.write_all(&req).await.map_err(|e| ProxyError::Quic(e.to_string()))?;
         let mut buf = Vec::new();
         loop {
             match ProxyReply::decode(&buf) {
@@ -161,10 +135,7 @@ impl Consumer {
                         return Err(ProxyError::BadReply);
                     }
                     if reply.status != ProxyStatus::OK {
-                        return Err(ProxyError::Refused {
-                            status: reply.status,
-                            reason: reply.reason.to_string(),
-                        });
+                        return Err(ProxyError::Refused { status: reply.status, reason: reply.reason.to_string() });
                     }
                     return Ok((send, recv));
                 }
@@ -191,12 +162,7 @@ impl Consumer {
 
     /// The link and label currently carrying the connection.
     pub fn current_route(&self) -> Option<u64> {
-        self.sink
-            .current
-            .lock()
-            .expect("poisoned")
-            .as_ref()
-            .map(|(_, l, _)| *l)
+        self.sink.current.lock().expect("poisoned").as_ref().map(|(_, l, _)| *l)
     }
 }
 
@@ -209,11 +175,7 @@ async fn attach_link(
     mut link: Link,
 ) -> anyhow::Result<()> {
     let link_down = link_down.clone();
-    let label = link
-        .sender
-        .open_route()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open a route: {e}"))?;
+    let label = link.sender.open_route().await.map_err(|e| anyhow::anyhow!("cannot open a route: {e}"))?;
     let gen = generation.fetch_add(1, Ordering::SeqCst) + 1;
     *sink.current.lock().expect("poisoned") = Some((link.sender.clone(), label, gen));
     let inbound = inbound.clone();

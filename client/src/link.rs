@@ -56,12 +56,7 @@ impl LinkConfig {
 pub fn seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.finish()
 }
 
@@ -116,18 +111,9 @@ pub enum LinkEvent {
 
 #[derive(Debug)]
 enum Cmd {
-    Data {
-        label: u64,
-        packet: Bytes,
-    },
-    OpenRoute {
-        label: u64,
-        reply: Option<oneshot::Sender<Result<u64, RouteError>>>,
-    },
-    CloseRoute {
-        label: u64,
-        code: ErrorCode,
-    },
+    Data { label: u64, packet: Bytes },
+    OpenRoute { label: u64, reply: Option<oneshot::Sender<Result<u64, RouteError>>> },
+    CloseRoute { label: u64, code: ErrorCode },
     Close,
 }
 
@@ -172,13 +158,7 @@ impl LinkSender {
     pub async fn open_route(&self) -> Result<u64, RouteError> {
         let label = self.next_label.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::OpenRoute {
-                label,
-                reply: Some(tx),
-            })
-            .await
-            .map_err(|_| RouteError::NotOpen)?;
+        self.tx.send(Cmd::OpenRoute { label, reply: Some(tx) }).await.map_err(|_| RouteError::NotOpen)?;
         rx.await.map_err(|_| RouteError::NotOpen)?
     }
 
@@ -186,10 +166,7 @@ impl LinkSender {
     /// if the link's queue is full or closed.
     pub fn open_route_now(&self) -> Option<u64> {
         let label = self.next_label.fetch_add(1, Ordering::Relaxed);
-        self.tx
-            .try_send(Cmd::OpenRoute { label, reply: None })
-            .ok()
-            .map(|()| label)
+        self.tx.try_send(Cmd::OpenRoute { label, reply: None }).ok().map(|()| label)
     }
 
     pub async fn close_route(&self, label: u64, code: ErrorCode) {
@@ -237,10 +214,7 @@ fn parse_url(url: &str) -> Result<(String, u16, bool), LinkError> {
         _ => return Err(LinkError::BadUrl(url.into())),
     };
     let host = uri.host().ok_or_else(|| LinkError::BadUrl(url.into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     Ok((host, port, tls))
 }
@@ -262,41 +236,29 @@ impl Link {
         let fut = async {
             let stream = transport::connect_stream(&host, port, tls.then_some(&cfg.tls))
                 .await
-                .map_err(|e| LinkError::Connect {
-                    url: cfg.url.clone(),
-                    error: format!("{e:#}"),
-                })?;
-            let mut req = cfg
-                .url
-                .as_str()
-                .into_client_request()
-                .map_err(|_| LinkError::BadUrl(cfg.url.clone()))?;
+                .map_err(|e| LinkError::Connect { url: cfg.url.clone(), error: format!("{e:#}") })?;
+            let mut req = cfg.url.as_str().into_client_request().map_err(|_| LinkError::BadUrl(cfg.url.clone()))?;
             let offer = cfg
                 .subprotocols
                 .clone()
                 .unwrap_or_else(|| binding::offer(cfg.client.min_version, cfg.client.max_version));
             if !offer.is_empty() {
-                let value = HeaderValue::from_str(&offer.join(", "))
-                    .map_err(|_| LinkError::BadUrl(cfg.url.clone()))?;
+                let value = HeaderValue::from_str(&offer.join(", ")).map_err(|_| LinkError::BadUrl(cfg.url.clone()))?;
                 req.headers_mut().insert("sec-websocket-protocol", value);
             }
-            let (ws, resp) =
-                tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
-                    .await
-                    .map_err(|e| match e {
-                        WsError::Http(r) => LinkError::Http {
-                            status: r.status().as_u16(),
-                            reason: r
-                                .body()
-                                .as_ref()
-                                .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                                .unwrap_or_default(),
-                        },
-                        other => LinkError::Connect {
-                            url: cfg.url.clone(),
-                            error: other.to_string(),
-                        },
-                    })?;
+            let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
+                .await
+                .map_err(|e| match e {
+                    WsError::Http(r) => LinkError::Http {
+                        status: r.status().as_u16(),
+                        reason: r
+                            .body()
+                            .as_ref()
+                            .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                            .unwrap_or_default(),
+                    },
+                    other => LinkError::Connect { url: cfg.url.clone(), error: other.to_string() },
+                })?;
             let subprotocol = resp
                 .headers()
                 .get("sec-websocket-protocol")
@@ -305,9 +267,7 @@ impl Link {
                 .to_string();
             handshake(ws, cfg.clone(), subprotocol).await
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| LinkError::Timeout)?
+        tokio::time::timeout(timeout, fut).await.map_err(|_| LinkError::Timeout)?
     }
 }
 
@@ -315,8 +275,7 @@ async fn send_tx(ws: &mut Ws, tx: &mut Vec<u8>) -> Result<(), WsError> {
     if tx.is_empty() {
         return Ok(());
     }
-    ws.send(Message::Binary(Bytes::from(std::mem::take(tx))))
-        .await
+    ws.send(Message::Binary(Bytes::from(std::mem::take(tx)))).await
 }
 
 async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<Link, LinkError> {
@@ -325,9 +284,7 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
     let mut session = ClientSession::new(cfg.seed);
     let mut tx = Vec::new();
     session.start(&cfg.client, now(), &mut tx);
-    send_tx(&mut ws, &mut tx)
-        .await
-        .map_err(|e| LinkError::Closed(e.to_string()))?;
+    send_tx(&mut ws, &mut tx).await.map_err(|e| LinkError::Closed(e.to_string()))?;
     let negotiated = loop {
         let msg = match ws.next().await {
             Some(Ok(m)) => m,
@@ -337,9 +294,8 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
         let bytes = match msg {
             Message::Binary(b) => b,
             Message::Close(f) => {
-                let (code, reason) = f
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1005, String::new()));
+                let (code, reason) =
+                    f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
                 return Err(match ErrorCode::from_close_code(code) {
                     Some(c) if code != 1000 => LinkError::Refused(Close::peer(c, &reason, 0)),
                     _ => LinkError::Closed(format!("close {code} {reason}")),
@@ -370,17 +326,7 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
     let (ev_tx, ev_rx) = mpsc::channel(cfg.queue);
     let stats = Arc::new(LinkStats::default());
     let end = Arc::new(Mutex::new(None));
-    let driver = Driver {
-        ws,
-        session,
-        cfg,
-        clock,
-        cmd_rx,
-        ev_tx,
-        stats: stats.clone(),
-        end: end.clone(),
-        tx,
-    };
+    let driver = Driver { ws, session, cfg, clock, cmd_rx, ev_tx, stats: stats.clone(), end: end.clone(), tx };
     tokio::spawn(driver.run());
     Ok(Link {
         negotiated,
@@ -440,10 +386,7 @@ impl Driver {
         };
         let code = close.as_ref().map(|c| c.0);
         if let Some((code, why)) = close {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: why.into(),
-            };
+            let frame = CloseFrame { code: CloseCode::from(code), reason: why.into() };
             let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(Some(frame))).await;
         }
         tracing::debug!(url = %self.cfg.url, %reason, "link ended");
@@ -454,18 +397,13 @@ impl Driver {
     fn on_timeout(&mut self) -> Step {
         let before = self.session.pings_sent();
         let now = self.now();
-        let r = self
-            .session
-            .handle_timeout(&self.cfg.client, now, &mut self.tx);
+        let r = self.session.handle_timeout(&self.cfg.client, now, &mut self.tx);
         if self.session.pings_sent() > before {
             self.stats.pings_sent.fetch_add(1, Ordering::Relaxed);
         }
         match r {
             Ok(()) => Step::Continue,
-            Err(close) => Step::End(
-                Some((close.close_code(), close.reason.to_string())),
-                close.to_string(),
-            ),
+            Err(close) => Step::End(Some((close.close_code(), close.reason.to_string())), close.to_string()),
         }
     }
 
@@ -516,21 +454,12 @@ impl Driver {
         let bytes = match msg {
             Some(Ok(Message::Binary(b))) => b,
             Some(Ok(Message::Close(f))) => {
-                let (code, reason) = f
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1005, String::new()));
-                return Step::End(
-                    None,
-                    format!("server closed: {code} {reason}")
-                        .trim_end()
-                        .to_string(),
-                );
+                let (code, reason) =
+                    f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                return Step::End(None, format!("server closed: {code} {reason}").trim_end().to_string());
             }
             Some(Ok(Message::Text(_))) => {
-                return Step::End(
-                    Some((1003, "text messages are not allowed".into())),
-                    "text message".into(),
-                )
+                return Step::End(Some((1003, "text messages are not allowed".into())), "text message".into())
             }
             Some(Ok(_)) => return Step::Continue,
             Some(Err(e)) => return Step::End(None, format!("connection error: {e}")),
@@ -538,51 +467,36 @@ impl Driver {
         };
         let now = self.now();
         let mut events = Vec::new();
-        let r =
-            self.session
-                .handle_message(&self.cfg.client, now, &bytes, &mut self.tx, |_, ev, _| {
-                    match ev {
-                        ClientEvent::Data { label, packet } => events.push(LinkEvent::Data {
-                            label,
-                            packet: bytes.slice_ref(packet),
-                        }),
-                        ClientEvent::RouteClosed { label, code } => {
-                            events.push(LinkEvent::RouteClosed { label, code })
-                        }
-                        ClientEvent::GoAway {
-                            grace_ms,
-                            reconnect,
-                        } => events.push(LinkEvent::GoAway {
-                            grace_ms,
-                            reconnect: reconnect.to_string(),
-                        }),
-                        ClientEvent::Pong { rtt_ms } => {
-                            self.stats.pongs_received.fetch_add(1, Ordering::Relaxed);
-                            self.stats.last_rtt_ms.store(rtt_ms, Ordering::Relaxed);
-                        }
-                        ClientEvent::Welcome(_) | ClientEvent::None => {}
-                    }
-                    Ok(())
-                });
+        let r = self.session.handle_message(&self.cfg.client, now, &bytes, &mut self.tx, |_, ev, _| {
+            match ev {
+                ClientEvent::Data { label, packet } => {
+                    events.push(LinkEvent::Data { label, packet: bytes.slice_ref(packet) })
+                }
+                ClientEvent::RouteClosed { label, code } => events.push(LinkEvent::RouteClosed { label, code }),
+                ClientEvent::GoAway { grace_ms, reconnect } => {
+                    events.push(LinkEvent::GoAway { grace_ms, reconnect: reconnect.to_string() })
+                }
+                ClientEvent::Pong { rtt_ms } => {
+                    self.stats.pongs_received.fetch_add(1, Ordering::Relaxed);
+                    self.stats.last_rtt_ms.store(rtt_ms, Ordering::Relaxed);
+                }
+                ClientEvent::Welcome(_) | ClientEvent::None => {}
+            }
+            Ok(())
+        });
         for ev in events {
             if matches!(ev, LinkEvent::Data { .. }) {
                 self.stats.packets_received.fetch_add(1, Ordering::Relaxed);
             }
             // Awaiting here is the backpressure: a slow consumer slows the link's reads.
             if self.ev_tx.send(ev).await.is_err() {
-                return Step::End(
-                    Some((1000, "link owner gone".into())),
-                    "link owner gone".into(),
-                );
+                return Step::End(Some((1000, "link owner gone".into())), "link owner gone".into());
             }
         }
         match r {
             Ok(()) => Step::Continue,
             Err(close) if close.by_peer => Step::End(None, close.to_string()),
-            Err(close) => Step::End(
-                Some((close.close_code(), close.reason.to_string())),
-                close.to_string(),
-            ),
+            Err(close) => Step::End(Some((close.close_code(), close.reason.to_string())), close.to_string()),
         }
     }
 }

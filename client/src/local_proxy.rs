@@ -55,20 +55,13 @@ impl ConsumerService {
             http_addr = Some(l.local_addr()?);
             tasks.spawn(serve(l, consumer.clone(), Kind::Http));
         }
-        Ok(ConsumerService {
-            consumer,
-            socks_addr,
-            http_addr,
-            tasks,
-        })
+        Ok(ConsumerService { consumer, socks_addr, http_addr, tasks })
     }
 
     pub async fn stop(mut self) {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
-        self.consumer
-            .connection
-            .close(0u32.into(), b"consumer stopping");
+        self.consumer.connection.close(0u32.into(), b"consumer stopping");
     }
 }
 
@@ -85,10 +78,7 @@ async fn connect_any(relays: &[LinkConfig], start: usize) -> anyhow::Result<(usi
             }
         }
     }
-    Err(anyhow::anyhow!(
-        "no relay reachable: {}",
-        last.map(|e| e.to_string()).unwrap_or_default()
-    ))
+    Err(anyhow::anyhow!("no relay reachable: {}", last.map(|e| e.to_string()).unwrap_or_default()))
 }
 
 /// Moves the QUIC connection to another relay whenever the current link dies.
@@ -113,10 +103,7 @@ async fn supervise(consumer: Arc<Consumer>, relays: Vec<LinkConfig>, mut current
                 Err(e) => tracing::warn!(error = %e, "failover failed"),
             }
             attempt += 1;
-            tokio::time::sleep(Duration::from_millis(
-                (100u64 << attempt.min(8)).min(10_000),
-            ))
-            .await;
+            tokio::time::sleep(Duration::from_millis((100u64 << attempt.min(8)).min(10_000))).await;
         }
     }
 }
@@ -208,8 +195,7 @@ async fn socks(mut s: TcpStream, consumer: &Consumer) -> anyhow::Result<()> {
         }
         Err(e) => {
             tracing::info!(%host, port, error = %e, "proxy request refused");
-            s.write_all(&[5, socks_reply_code(&e), 0, 1, 0, 0, 0, 0, 0, 0])
-                .await?;
+            s.write_all(&[5, socks_reply_code(&e), 0, 1, 0, 0, 0, 0, 0, 0]).await?;
             Ok(())
         }
     }
@@ -230,30 +216,19 @@ async fn http_connect(mut s: TcpStream, consumer: &Consumer) -> anyhow::Result<(
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
     let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     if method != "CONNECT" {
-        s.write_all(
-            b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0\r\n\r\n",
-        )
-        .await?;
+        s.write_all(b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0\r\n\r\n").await?;
         return Ok(());
     }
-    let Some((host, port)) = target
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-    else {
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            .await?;
+    let Some((host, port)) = target.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) else {
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await?;
         return Ok(());
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     match consumer.open(host, port).await {
         Ok((send, recv)) => {
-            s.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                .await?;
+            s.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
             splice(s, send, recv, buf[end..].to_vec()).await
         }
         Err(e) => {

@@ -99,16 +99,10 @@ enum Cmd {
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
     if let Some(ms) = s.strip_suffix("ms") {
-        return ms
-            .parse()
-            .map(Duration::from_millis)
-            .map_err(|e| e.to_string());
+        return ms.parse().map(Duration::from_millis).map_err(|e| e.to_string());
     }
     if let Some(sec) = s.strip_suffix('s') {
-        return sec
-            .parse::<f64>()
-            .map(Duration::from_secs_f64)
-            .map_err(|e| e.to_string());
+        return sec.parse::<f64>().map(Duration::from_secs_f64).map_err(|e| e.to_string());
     }
     Err(format!("expected a duration like 60s or 1500ms, got {s}"))
 }
@@ -121,13 +115,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.cmd {
-        Cmd::Relay {
-            upstream,
-            pool,
-            listen,
-            no_ping,
-            tls,
-        } => {
+        Cmd::Relay { upstream, pool, listen, no_ping, tls } => {
             let mut link = LinkConfig::new(upstream);
             link.tls = tls.mode();
             link.client.send_pings = !no_ping;
@@ -138,44 +126,21 @@ async fn main() -> Result<()> {
             wait_for_signal().await;
             relay.kill().await;
         }
-        Cmd::Consumer {
-            relays,
-            egress_cert_sha256,
-            egress_ca,
-            egress_name,
-            socks,
-            http,
-            tls,
-        } => {
-            anyhow::ensure!(
-                socks.is_some() || http.is_some(),
-                "give --socks and/or --http"
-            );
+        Cmd::Consumer { relays, egress_cert_sha256, egress_ca, egress_name, socks, http, tls } => {
+            anyhow::ensure!(socks.is_some() || http.is_some(), "give --socks and/or --http");
             let quic = ConsumerConfig {
                 tls: match (egress_cert_sha256, egress_ca) {
                     (Some(fp), _) => TlsMode::Pinned(fp),
                     (None, Some(ca)) => TlsMode::CaFile(ca),
-                    (None, None) => anyhow::bail!(
-                        "give --egress-cert-sha256 or --egress-ca to authenticate the egress"
-                    ),
+                    (None, None) => {
+                        anyhow::bail!("give --egress-cert-sha256 or --egress-ca to authenticate the egress")
+                    }
                 },
                 server_name: egress_name,
                 ..ConsumerConfig::default()
             };
-            let relays = relays
-                .into_iter()
-                .map(|url| LinkConfig {
-                    tls: tls.mode(),
-                    ..LinkConfig::new(url)
-                })
-                .collect();
-            let svc = ConsumerService::start(ConsumerOptions {
-                relays,
-                quic,
-                socks,
-                http,
-            })
-            .await?;
+            let relays = relays.into_iter().map(|url| LinkConfig { tls: tls.mode(), ..LinkConfig::new(url) }).collect();
+            let svc = ConsumerService::start(ConsumerOptions { relays, quic, socks, http }).await?;
             if let Some(a) = svc.socks_addr {
                 eprintln!("socks5 listening on {a}");
             }
@@ -185,11 +150,7 @@ async fn main() -> Result<()> {
             wait_for_signal().await;
             svc.stop().await;
         }
-        Cmd::Middlebox {
-            listen,
-            upstream,
-            idle,
-        } => {
+        Cmd::Middlebox { listen, upstream, idle } => {
             let mb = Middlebox::start(listen, upstream, idle).await?;
             eprintln!("middlebox listening on {}", mb.addr);
             wait_for_signal().await;

@@ -29,11 +29,7 @@ impl Drop for Middlebox {
 }
 
 impl Middlebox {
-    pub async fn start(
-        listen: SocketAddr,
-        upstream: SocketAddr,
-        idle: Duration,
-    ) -> std::io::Result<Middlebox> {
+    pub async fn start(listen: SocketAddr, upstream: SocketAddr, idle: Duration) -> std::io::Result<Middlebox> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let cut = Arc::new(AtomicU64::new(0));
@@ -52,13 +48,7 @@ impl Middlebox {
                 tokio::spawn(flow(client, server, idle, c.clone(), stop_rx.clone()));
             }
         });
-        Ok(Middlebox {
-            addr,
-            cut,
-            flows,
-            task,
-            _stop: stop_tx,
-        })
+        Ok(Middlebox { addr, cut, flows, task, _stop: stop_tx })
     }
 }
 
@@ -74,22 +64,13 @@ async fn flow(
     let cut = Arc::new(AtomicBool::new(false));
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let a = tokio::spawn(forward(
-        cr,
-        sw,
-        origin,
-        last.clone(),
-        cut.clone(),
-        stop.clone(),
-    ));
+    let a = tokio::spawn(forward(cr, sw, origin, last.clone(), cut.clone(), stop.clone()));
     let b = tokio::spawn(forward(sr, cw, origin, last.clone(), cut.clone(), stop));
     let watchdog = async {
         let step = (idle / 10).max(Duration::from_millis(5));
         loop {
             tokio::time::sleep(step).await;
-            let since = origin
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            let since = origin.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
             if since >= idle {
                 cut.store(true, Ordering::Relaxed);
                 cut_count.fetch_add(1, Ordering::Relaxed);

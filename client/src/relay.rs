@@ -89,24 +89,10 @@ impl Relay {
         let mut tasks = JoinSet::new();
         tasks.spawn(Router::new(stats.clone()).run(router_rx));
         for slot in 0..cfg.pool {
-            tasks.spawn(slot_task(
-                slot as u64,
-                cfg.clone(),
-                router_tx.clone(),
-                stats.clone(),
-            ));
+            tasks.spawn(slot_task(slot as u64, cfg.clone(), router_tx.clone(), stats.clone()));
         }
-        tasks.spawn(accept_loop(
-            listener,
-            cfg.downstream.clone(),
-            router_tx,
-            stats.clone(),
-        ));
-        Ok(Relay {
-            listen_addr,
-            stats,
-            tasks,
-        })
+        tasks.spawn(accept_loop(listener, cfg.downstream.clone(), router_tx, stats.clone()));
+        Ok(Relay { listen_addr, stats, tasks })
     }
 
     /// Stops the relay at once (links and downstream connections drop without goodbye: a
@@ -189,12 +175,7 @@ struct Router {
 
 impl Router {
     fn new(stats: Arc<RelayStats>) -> Self {
-        Router {
-            table: RouteTable::new(),
-            ups: HashMap::new(),
-            downs: HashMap::new(),
-            stats,
-        }
+        Router { table: RouteTable::new(), ups: HashMap::new(), downs: HashMap::new(), stats }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Ev>) {
@@ -222,19 +203,9 @@ impl Router {
 
     fn on_event(&mut self, ev: Ev) {
         match ev {
-            Ev::UpOpen {
-                up,
-                sender,
-                max_routes,
-            } => {
+            Ev::UpOpen { up, sender, max_routes } => {
                 self.table.add_upstream(up, max_routes);
-                self.ups.insert(
-                    up,
-                    Up {
-                        sender,
-                        going_away: false,
-                    },
-                );
+                self.ups.insert(up, Up { sender, going_away: false });
             }
             Ev::UpData { up, label, packet } => {
                 if let Some((down, dl)) = self.table.downstream_of(up, label) {
@@ -280,15 +251,9 @@ impl Router {
             Ev::DownOpen { down, tx } => {
                 self.downs.insert(down, tx);
             }
-            Ev::DownData {
-                down,
-                label,
-                packet,
-            } => {
+            Ev::DownData { down, label, packet } => {
                 let target = match self.table.upstream_of(down, label) {
-                    Some((up, ul)) if self.ups.get(&up).is_some_and(|u| !u.sender.is_closed()) => {
-                        Some((up, ul))
-                    }
+                    Some((up, ul)) if self.ups.get(&up).is_some_and(|u| !u.sender.is_closed()) => Some((up, ul)),
                     Some((up, ul)) => {
                         self.table.close_up(up, ul);
                         self.map_new(down, label)
@@ -323,12 +288,7 @@ impl Router {
 static UP_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Capped exponential backoff with full jitter.
-fn backoff(
-    attempt: u32,
-    base: Duration,
-    cap: Duration,
-    seed: &mut broflake_proto::grease::Rng,
-) -> Duration {
+fn backoff(attempt: u32, base: Duration, cap: Duration, seed: &mut broflake_proto::grease::Rng) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
     let ms = u64::try_from(exp.as_millis()).unwrap_or(u64::MAX).max(1);
     Duration::from_millis(seed.below(ms + 1))
@@ -336,9 +296,7 @@ fn backoff(
 
 /// Keeps one pool slot filled: connect, pump, replace on death or GOAWAY.
 async fn slot_task(slot: u64, cfg: RelayConfig, router: mpsc::Sender<Ev>, stats: Arc<RelayStats>) {
-    let mut rng = broflake_proto::grease::Rng::new(
-        cfg.upstream.seed ^ slot.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
+    let mut rng = broflake_proto::grease::Rng::new(cfg.upstream.seed ^ slot.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut attempt = 0u32;
     let mut previous = SessionId::NONE;
     let mut replacing: Option<UpId> = None;
@@ -365,11 +323,7 @@ async fn slot_task(slot: u64, cfg: RelayConfig, router: mpsc::Sender<Ev>, stats:
         stats.upstream_open.fetch_add(1, Ordering::Relaxed);
         let up = UP_IDS.fetch_add(1, Ordering::Relaxed);
         previous = link.sender.session_id;
-        let ev = Ev::UpOpen {
-            up,
-            sender: link.sender.clone(),
-            max_routes: link.negotiated.max_routes,
-        };
+        let ev = Ev::UpOpen { up, sender: link.sender.clone(), max_routes: link.negotiated.max_routes };
         if router.send(ev).await.is_err() {
             return;
         }
@@ -396,13 +350,7 @@ async fn slot_task(slot: u64, cfg: RelayConfig, router: mpsc::Sender<Ev>, stats:
 
 /// Forwards one link's events to the router. Tells the slot `true` on GOAWAY, `false` when
 /// the link ended (without an earlier GOAWAY).
-async fn pump(
-    mut link: Link,
-    up: UpId,
-    router: mpsc::Sender<Ev>,
-    stats: Arc<RelayStats>,
-    done: mpsc::Sender<bool>,
-) {
+async fn pump(mut link: Link, up: UpId, router: mpsc::Sender<Ev>, stats: Arc<RelayStats>, done: mpsc::Sender<bool>) {
     let mut told = false;
     while let Some(ev) = link.events.recv().await {
         let out = match ev {
@@ -433,12 +381,7 @@ async fn pump(
 
 static DOWN_IDS: AtomicU64 = AtomicU64::new(1);
 
-async fn accept_loop(
-    listener: TcpListener,
-    cfg: ServerConfig,
-    router: mpsc::Sender<Ev>,
-    stats: Arc<RelayStats>,
-) {
+async fn accept_loop(listener: TcpListener, cfg: ServerConfig, router: mpsc::Sender<Ev>, stats: Arc<RelayStats>) {
     let cfg = Arc::new(cfg);
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -468,17 +411,11 @@ async fn downstream(
     let (min_v, max_v) = (cfg.min_version, cfg.max_version);
     #[allow(clippy::result_large_err)] // the signature is tungstenite's
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        let offered = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok());
+        let offered = req.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok());
         match binding::select(offered, min_v, max_v) {
             Ok(sel) => {
-                resp.headers_mut().insert(
-                    "sec-websocket-protocol",
-                    HeaderValue::from_str(&sel.token()).expect("token"),
-                );
+                resp.headers_mut()
+                    .insert("sec-websocket-protocol", HeaderValue::from_str(&sel.token()).expect("token"));
                 Ok(resp)
             }
             Err(e) => {
@@ -555,8 +492,7 @@ async fn downstream(
             }
         }
         if !tx.is_empty() {
-            ws.send(Message::Binary(Bytes::from(std::mem::take(&mut tx))))
-                .await?;
+            ws.send(Message::Binary(Bytes::from(std::mem::take(&mut tx)))).await?;
         }
         if let Some(c) = end {
             let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {

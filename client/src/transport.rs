@@ -26,8 +26,8 @@ pub enum TlsMode {
 /// rustls client configuration for a TLS mode and ALPN list.
 pub fn client_tls(mode: &TlsMode, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let mut config = match mode {
         TlsMode::Pinned(fp) => builder
             .dangerous()
@@ -43,21 +43,17 @@ pub fn client_tls(mode: &TlsMode, alpn: &[&[u8]]) -> anyhow::Result<rustls::Clie
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        TlsMode::InsecureNoVerify => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth(),
+        TlsMode::InsecureNoVerify => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
+        }
     };
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(config)
 }
 
-fn rustls_pemfile_certs(
-    pem: &[u8],
-) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+fn rustls_pemfile_certs(pem: &[u8]) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
-    let certs: Vec<_> =
-        rustls::pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>()?;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>()?;
     anyhow::ensure!(!certs.is_empty(), "no certificate in the CA file");
     Ok(certs)
 }
@@ -98,11 +94,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 }
 
 /// Opens the TCP (and for wss://, TLS) stream for a ws:// or wss:// URL.
-pub async fn connect_stream(
-    host: &str,
-    port: u16,
-    tls: Option<&TlsMode>,
-) -> anyhow::Result<BoxStream> {
+pub async fn connect_stream(host: &str, port: u16, tls: Option<&TlsMode>) -> anyhow::Result<BoxStream> {
     let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     match tls {

@@ -24,26 +24,16 @@ fn egress_url(e: &Egress) -> String {
 }
 
 async fn relay(upstream: String, pool: usize) -> Relay {
-    let cfg = RelayConfig {
-        pool,
-        ..RelayConfig::new(LinkConfig::new(upstream), "127.0.0.1:0".parse().unwrap())
-    };
+    let cfg = RelayConfig { pool, ..RelayConfig::new(LinkConfig::new(upstream), "127.0.0.1:0".parse().unwrap()) };
     let r = Relay::start(cfg).await.expect("relay");
-    wait_for(
-        || r.stats.upstream_open.load(Ordering::Relaxed) as usize == pool,
-        "relay pool open",
-    )
-    .await;
+    wait_for(|| r.stats.upstream_open.load(Ordering::Relaxed) as usize == pool, "relay pool open").await;
     r
 }
 
 async fn consumer(e: &Egress, relays: &[String]) -> ConsumerService {
     let opts = ConsumerOptions {
         relays: relays.iter().map(|u| LinkConfig::new(u.clone())).collect(),
-        quic: ConsumerConfig {
-            tls: TlsMode::Pinned(e.fingerprint.clone()),
-            ..ConsumerConfig::default()
-        },
+        quic: ConsumerConfig { tls: TlsMode::Pinned(e.fingerprint.clone()), ..ConsumerConfig::default() },
         socks: Some("127.0.0.1:0".parse().unwrap()),
         http: Some("127.0.0.1:0".parse().unwrap()),
     };
@@ -53,10 +43,7 @@ async fn consumer(e: &Egress, relays: &[String]) -> ConsumerService {
 async fn wait_for(cond: impl Fn() -> bool, what: &str) {
     let t = Instant::now();
     while !cond() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
+        assert!(t.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -72,34 +59,14 @@ async fn curl(c: &ConsumerService, via: Via, server: SocketAddr) -> String {
     // `localhost` is resolved by the egress (socks5h: remote DNS), not here.
     let url = format!("http://localhost:{}/file", server.port());
     let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "--silent",
-        "--show-error",
-        "--fail",
-        "--max-time",
-        "120",
-        "--output",
-        "-",
-    ]);
+    cmd.args(["--silent", "--show-error", "--fail", "--max-time", "120", "--output", "-"]);
     match via {
-        Via::Socks5h => cmd
-            .arg("--proxy")
-            .arg(format!("socks5h://{}", c.socks_addr.unwrap())),
-        Via::Connect => cmd
-            .arg("--proxytunnel")
-            .arg("--proxy")
-            .arg(format!("http://{}", c.http_addr.unwrap())),
+        Via::Socks5h => cmd.arg("--proxy").arg(format!("socks5h://{}", c.socks_addr.unwrap())),
+        Via::Connect => cmd.arg("--proxytunnel").arg("--proxy").arg(format!("http://{}", c.http_addr.unwrap())),
     };
     cmd.arg(url);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl {via:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("curl runs");
+    assert!(out.status.success(), "curl {via:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     testkit::sha256_hex(&out.stdout)
 }
 
@@ -119,10 +86,7 @@ async fn curl_fetches_64_mib_via_one_relay_and_via_a_two_relay_chain() {
             }
             c.stop().await;
         }
-        assert!(
-            r2.stats.routes_opened.load(Ordering::Relaxed) >= 1,
-            "traffic went through the chain"
-        );
+        assert!(r2.stats.routes_opened.load(Ordering::Relaxed) >= 1, "traffic went through the chain");
         assert!(r1.stats.routes_opened.load(Ordering::Relaxed) >= 2);
     }
 }
@@ -147,11 +111,7 @@ async fn several_consumers_share_one_relay_connection() {
         for (got, want) in futures_util::future::join_all(jobs).await {
             assert_eq!(got, want, "each consumer gets its own bytes");
         }
-        assert_eq!(
-            e.connections(),
-            1,
-            "one relay connection carries every consumer"
-        );
+        assert_eq!(e.connections(), 1, "one relay connection carries every consumer");
         assert_eq!(e.routes(), 3, "three routes on it");
         assert_eq!(r.stats.upstream_open.load(Ordering::Relaxed), 1);
     }
@@ -187,38 +147,16 @@ async fn killing_the_relay_mid_download_fails_over_on_the_same_quic_connection()
             })
         };
         let conn = c.consumer.connection.clone();
-        wait_for(
-            || conn.stats().udp_rx.bytes > 8 << 20,
-            "8 MiB through relay A",
-        )
-        .await;
+        wait_for(|| conn.stats().udp_rx.bytes > 8 << 20, "8 MiB through relay A").await;
         a.kill().await;
         let out = download.await.unwrap().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            testkit::sha256_hex(&out.stdout),
-            digest,
-            "download intact across the failover"
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(testkit::sha256_hex(&out.stdout), digest, "download intact across the failover");
         assert_eq!(c.consumer.connection.stable_id(), id);
-        assert!(
-            c.consumer.connection.close_reason().is_none(),
-            "the QUIC connection survived"
-        );
-        assert_eq!(
-            Stats::get(&e.shared().stats.quic_connections),
-            1,
-            "no second QUIC handshake at the egress"
-        );
+        assert!(c.consumer.connection.close_reason().is_none(), "the QUIC connection survived");
+        assert_eq!(Stats::get(&e.shared().stats.quic_connections), 1, "no second QUIC handshake at the egress");
         assert_eq!(c.consumer.link_failures.load(Ordering::SeqCst), 1);
-        assert!(
-            bb.stats.packets_down.load(Ordering::Relaxed) > 0,
-            "relay B carried the rest"
-        );
+        assert!(bb.stats.packets_down.load(Ordering::Relaxed) > 0, "relay B carried the rest");
     }
 }
 
@@ -228,9 +166,7 @@ async fn through_a_middlebox_pinging_pools_survive_and_silent_ones_loop() {
         // Pure client-driven liveness: the egress never pings (1 s keepalive, 3 s idle timeout).
         let e = egress(b, |c| c.liveness.ping_clients_without_ping = false).await;
         let cutoff = Duration::from_millis(1500);
-        let mb = Middlebox::start("127.0.0.1:0".parse().unwrap(), e.ws_addrs[0], cutoff)
-            .await
-            .unwrap();
+        let mb = Middlebox::start("127.0.0.1:0".parse().unwrap(), e.ws_addrs[0], cutoff).await.unwrap();
         let url = format!("ws://{}/broflake", mb.addr);
 
         // With PING: at least 3×T with zero reconnects and no flow cut.
@@ -248,39 +184,20 @@ async fn through_a_middlebox_pinging_pools_survive_and_silent_ones_loop() {
         let cfg = {
             let mut l = LinkConfig::new(url);
             l.client.send_pings = false;
-            RelayConfig {
-                pool: 3,
-                ..RelayConfig::new(l, "127.0.0.1:0".parse().unwrap())
-            }
+            RelayConfig { pool: 3, ..RelayConfig::new(l, "127.0.0.1:0".parse().unwrap()) }
         };
         let r = Relay::start(cfg).await.unwrap();
         let t = Instant::now();
-        wait_for(
-            || r.stats.reconnects.load(Ordering::Relaxed) >= 3,
-            "one reconnect round",
-        )
-        .await;
+        wait_for(|| r.stats.reconnects.load(Ordering::Relaxed) >= 3, "one reconnect round").await;
         let first = t.elapsed();
-        wait_for(
-            || r.stats.reconnects.load(Ordering::Relaxed) >= 6,
-            "two reconnect rounds",
-        )
-        .await;
+        wait_for(|| r.stats.reconnects.load(Ordering::Relaxed) >= 6, "two reconnect rounds").await;
         let cycle = t.elapsed();
         eprintln!("first round after {first:?}");
-        assert!(
-            first >= Duration::from_millis(3_900),
-            "links died by receive timeout, not earlier ({first:?})"
-        );
+        assert!(first >= Duration::from_millis(3_900), "links died by receive timeout, not earlier ({first:?})");
         let cut = mb.cut.load(Ordering::Relaxed) - before_cut;
-        eprintln!(
-            "{b:?}: no-PING pool: 6 reconnects in {cycle:?}, {cut} flows cut by the middlebox"
-        );
+        eprintln!("{b:?}: no-PING pool: 6 reconnects in {cycle:?}, {cut} flows cut by the middlebox");
         assert!(cut >= 6, "the middlebox cut the idle flows ({cut})");
-        assert!(
-            cycle >= Duration::from_secs(8),
-            "a round takes cut-off + receive timeout ({cycle:?})"
-        );
+        assert!(cycle >= Duration::from_secs(8), "a round takes cut-off + receive timeout ({cycle:?})");
         r.kill().await;
     }
 }
@@ -316,22 +233,11 @@ async fn goaway_from_a_draining_egress_moves_an_active_download_without_losing_b
         wait_for(|| conn.stats().udp_rx.bytes > 8 << 20, "download under way").await;
         e.drain();
         let out = download.await.unwrap().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(testkit::sha256_hex(&out.stdout), digest, "no byte lost");
         assert_eq!(r.stats.goaways.load(Ordering::Relaxed), 1);
-        assert!(
-            r.stats.routes_migrated.load(Ordering::Relaxed) >= 1,
-            "the route moved to the new connection"
-        );
-        assert_eq!(
-            Stats::get(&e.shared().stats.resumptions),
-            1,
-            "the draining egress admitted the replacement"
-        );
+        assert!(r.stats.routes_migrated.load(Ordering::Relaxed) >= 1, "the route moved to the new connection");
+        assert_eq!(Stats::get(&e.shared().stats.resumptions), 1, "the draining egress admitted the replacement");
         assert_eq!(Stats::get(&e.shared().stats.quic_connections), 1);
         assert!(c.consumer.connection.close_reason().is_none());
     }

@@ -183,10 +183,7 @@ impl Default for Listen {
 
 impl Default for Io {
     fn default() -> Self {
-        Io {
-            backend: Backend::Auto,
-            threads: 0,
-        }
+        Io { backend: Backend::Auto, threads: 0 }
     }
 }
 
@@ -223,10 +220,7 @@ impl Default for Limits {
 
 impl Default for Quic {
     fn default() -> Self {
-        Quic {
-            idle_timeout: Duration::from_secs(120),
-            inbound_queue: 8192,
-        }
+        Quic { idle_timeout: Duration::from_secs(120), inbound_queue: 8192 }
     }
 }
 
@@ -243,27 +237,20 @@ impl Default for Proxy {
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain {
-            grace: Duration::from_secs(30),
-            reconnect: String::new(),
-        }
+        Drain { grace: Duration::from_secs(30), reconnect: String::new() }
     }
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Log {
-            filter: "info".into(),
-            format: "text".into(),
-        }
+        Log { filter: "info".into(), format: "text".into() }
     }
 }
 
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         Config::parse(&text).with_context(|| format!("invalid configuration in {}", path.display()))
     }
 
@@ -282,16 +269,12 @@ impl Config {
             bail!("listen.path must start with '/'");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
-            bail!(
-                "tls: set both cert and key, or neither (for a generated self-signed certificate)"
-            );
+            bail!("tls: set both cert and key, or neither (for a generated self-signed certificate)");
         }
         if self.limits.max_message_size < self.limits.max_frame_size {
             bail!("limits.max_message_size must be at least limits.max_frame_size");
         }
-        if self.liveness.sweep_interval.is_zero()
-            || self.liveness.sweep_interval > self.liveness.keepalive
-        {
+        if self.liveness.sweep_interval.is_zero() || self.liveness.sweep_interval > self.liveness.keepalive {
             bail!("liveness.sweep_interval must be non-zero and at most liveness.keepalive");
         }
         if self.limits.max_connections == 0 || self.limits.max_connections_per_ip == 0 {
@@ -312,9 +295,7 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
         }
-        self.session_config()
-            .validate()
-            .map_err(|e| anyhow::anyhow!("liveness/limits: {e}"))?;
+        self.session_config().validate().map_err(|e| anyhow::anyhow!("liveness/limits: {e}"))?;
         Ok(())
     }
 
@@ -370,12 +351,8 @@ mod tests {
     #[test]
     fn unknown_fields_and_bad_values_are_rejected_with_a_reason() {
         let e = Config::parse("[listen]\nwss_typo = []\n").unwrap_err();
-        assert!(
-            format!("{e:#}").contains("unknown field `wss_typo`"),
-            "{e:#}"
-        );
-        let e =
-            Config::parse("[liveness]\nkeepalive = \"40s\"\nidle_timeout = \"60s\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `wss_typo`"), "{e:#}");
+        let e = Config::parse("[liveness]\nkeepalive = \"40s\"\nidle_timeout = \"60s\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("twice the keepalive"), "{e:#}");
         let e = Config::parse("[tls]\ncert = \"a.pem\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("set both cert and key"), "{e:#}");

@@ -5,6 +5,7 @@
 //! packets that go to one quinn endpoint over a virtual socket ([`quic`]); each QUIC stream
 //! is a proxy request ([`proxy`]) checked against the destination [`policy`].
 
+pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod policy;
@@ -31,6 +32,8 @@ pub struct Egress {
     /// Bound ws:// and wss:// addresses (useful when the config asked for port 0).
     pub ws_addrs: Vec<SocketAddr>,
     pub wss_addrs: Vec<SocketAddr>,
+    /// Bound admin address, if configured.
+    pub admin_addr: Option<SocketAddr>,
     /// SHA-256 of the certificate (clients pin it).
     pub fingerprint: String,
     pub liveness: LivenessMode,
@@ -44,15 +47,19 @@ impl Egress {
     /// Binds every listener and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Egress> {
         config.validate()?;
+        if config.admin.listen.is_some() {
+            // Before anything records a metric, so nothing is lost.
+            admin::recorder();
+        }
         let config = Arc::new(config);
         let identity = tls::Identity::load(&config)?;
         let fingerprint = identity.fingerprint();
 
         let backend = match config.io.backend {
             Backend::Tokio | Backend::Auto => Backend::Tokio,
-            Backend::Uring => anyhow::bail!(
-                "io.backend = \"uring\" is not available in this build; use \"tokio\" or \"auto\""
-            ),
+            Backend::Uring => {
+                anyhow::bail!("io.backend = \"uring\" is not available in this build; use \"tokio\" or \"auto\"")
+            }
         };
         let liveness = match config.liveness.mode {
             LivenessMode::Xdp => anyhow::bail!("liveness.mode = \"xdp\" is not available in this build; use \"userspace\", \"server-ping\" or \"auto\""),
@@ -69,25 +76,14 @@ impl Egress {
                     | ("server-ping", LivenessMode::ServerPing)
                     | ("xdp", LivenessMode::Xdp)
             );
-            ::metrics::gauge!(crate::metrics::LIVENESS_MODE, "mode" => mode).set(if active {
-                1.0
-            } else {
-                0.0
-            });
+            ::metrics::gauge!(crate::metrics::LIVENESS_MODE, "mode" => mode).set(if active { 1.0 } else { 0.0 });
         }
-        ::metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"))
-            .set(1.0);
+        ::metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-        let quic = quic::QuicBridge::new(
-            quic::server_config(identity.quic_config()?, &config),
-            config.quic.inbound_queue,
-        )
-        .context("cannot create the QUIC endpoint")?;
-        let shared = Arc::new(Shared::new(
-            config.clone(),
-            quic.clone(),
-            liveness == LivenessMode::Xdp,
-        ));
+        let quic =
+            quic::QuicBridge::new(quic::server_config(identity.quic_config()?, &config), config.quic.inbound_queue)
+                .context("cannot create the QUIC endpoint")?;
+        let shared = Arc::new(Shared::new(config.clone(), quic.clone(), liveness == LivenessMode::Xdp));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
@@ -103,33 +99,29 @@ impl Egress {
         let mut ws_addrs = Vec::new();
         let mut wss_addrs = Vec::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.wss_config()?);
-        for (addrs, out, tls) in [
-            (&config.listen.ws, &mut ws_addrs, None),
-            (&config.listen.wss, &mut wss_addrs, Some(acceptor)),
-        ] {
+        for (addrs, out, tls) in
+            [(&config.listen.ws, &mut ws_addrs, None), (&config.listen.wss, &mut wss_addrs, Some(acceptor))]
+        {
             for addr in addrs {
-                let std = tokio_io::bind(*addr, config.listen.backlog)
-                    .with_context(|| format!("cannot listen on {addr}"))?;
+                let std =
+                    tokio_io::bind(*addr, config.listen.backlog).with_context(|| format!("cannot listen on {addr}"))?;
                 let listener = tokio::net::TcpListener::from_std(std)?;
                 out.push(listener.local_addr()?);
-                tasks.spawn(tokio_io::serve(
-                    listener,
-                    tls.clone(),
-                    shared.clone(),
-                    stop_rx.clone(),
-                ));
+                tasks.spawn(tokio_io::serve(listener, tls.clone(), shared.clone(), stop_rx.clone()));
             }
         }
-        Ok(Egress {
-            ws_addrs,
-            wss_addrs,
-            fingerprint,
-            liveness,
-            backend,
-            shared,
-            stop,
-            tasks,
-        })
+        let mut admin_addr = None;
+        let readiness = Arc::new(admin::Readiness::default());
+        readiness.liveness_ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        readiness.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(addr) = config.admin.listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+            admin_addr = Some(listener.local_addr()?);
+            tasks.spawn(admin::serve(listener, readiness.clone()));
+        }
+        Ok(Egress { ws_addrs, wss_addrs, admin_addr, fingerprint, liveness, backend, shared, stop, tasks })
     }
 
     /// Connections held now.
@@ -156,9 +148,7 @@ impl Egress {
         }
         let grace = u64::try_from(self.shared.config.drain.grace.as_millis()).unwrap_or(u64::MAX);
         let deadline = self.shared.now() + grace;
-        self.shared
-            .drain_deadline
-            .store(deadline.as_millis(), std::sync::atomic::Ordering::Relaxed);
+        self.shared.drain_deadline.store(deadline.as_millis(), std::sync::atomic::Ordering::Relaxed);
         ::metrics::gauge!(crate::metrics::DRAINING).set(1.0);
         tracing::info!(connections = self.connections(), grace = ?self.shared.config.drain.grace, "draining");
     }
@@ -175,10 +165,7 @@ impl Egress {
     /// Stops everything now.
     pub async fn shutdown(&mut self) {
         let _ = self.stop.send(true);
-        self.shared
-            .quic
-            .endpoint
-            .close(0u32.into(), b"egress shutting down");
+        self.shared.quic.endpoint.close(0u32.into(), b"egress shutting down");
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }

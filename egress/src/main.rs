@@ -114,9 +114,7 @@ fn effective_config(cli: &Cli) -> Result<Config> {
 fn init_logging(c: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log.filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if c.log.format == "json" {
         builder.json().init();
     } else {
@@ -145,16 +143,13 @@ fn main() -> Result<()> {
     } else {
         config.io.threads
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
     runtime.block_on(serve(config))
 }
 
 async fn serve(config: Config) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    broflake_egress::metrics::describe();
+    broflake_egress::admin::recorder();
     let grace = config.drain.grace;
     let egress = Egress::start(config).await?;
     for a in &egress.ws_addrs {
@@ -162,6 +157,9 @@ async fn serve(config: Config) -> Result<()> {
     }
     for a in &egress.wss_addrs {
         tracing::info!("listening on wss://{a}");
+    }
+    if let Some(a) = egress.admin_addr {
+        tracing::info!("admin listening on http://{a} (/metrics, /live, /ready)");
     }
     tracing::info!(backend = ?egress.backend, liveness = ?egress.liveness, "egress running");
     // Printed on stdout as well, so scripts and operators can pick it up for pinning.

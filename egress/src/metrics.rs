@@ -26,60 +26,43 @@ pub const PROXY_DIALS: &str = "broflake_proxy_dials_total";
 pub const PROXY_BYTES: &str = "broflake_proxy_bytes_total";
 pub const DRAINING: &str = "broflake_draining";
 pub const BUILD_INFO: &str = "broflake_build_info";
+pub const OPEN_FDS: &str = "broflake_open_fds";
+pub const MAX_FDS: &str = "broflake_max_fds";
+pub const XDP_FLOWS: &str = "broflake_xdp_flows";
+pub const XDP_MAP_CAPACITY: &str = "broflake_xdp_map_capacity";
+pub const XDP_EXPIRED: &str = "broflake_xdp_expired_total";
 
 /// Describes every metric once, at start-up (HELP text in the exposition).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge};
-    describe_gauge!(
-        CONNECTIONS,
-        "WebSocket connections held now, by backend and state."
-    );
-    describe_counter!(
-        CONNECTIONS_ACCEPTED,
-        "TCP connections accepted, by backend and listener kind."
-    );
+    describe_gauge!(CONNECTIONS, "WebSocket connections held now, by backend and state.");
+    describe_counter!(CONNECTIONS_ACCEPTED, "TCP connections accepted, by backend and listener kind.");
     describe_counter!(CONNECTIONS_CLOSED, "Connections closed, by close reason.");
-    describe_counter!(
-        UPGRADE_REFUSALS,
-        "HTTP upgrades refused before any Broflake frame, by reason."
-    );
-    describe_counter!(
-        HANDSHAKES,
-        "Broflake handshakes, by result (accepted/refused)."
-    );
+    describe_counter!(UPGRADE_REFUSALS, "HTTP upgrades refused before any Broflake frame, by reason.");
+    describe_counter!(HANDSHAKES, "Broflake handshakes, by result (accepted/refused).");
     describe_counter!(REFUSALS, "Handshake refusals, by reason code.");
     describe_counter!(FRAMES_RECEIVED, "Broflake frames received, by type.");
     describe_counter!(FRAMES_SENT, "Broflake frames sent, by type.");
     describe_counter!(BYTES_RECEIVED, "WebSocket payload bytes received.");
     describe_counter!(BYTES_SENT, "WebSocket payload bytes sent.");
-    describe_counter!(
-        IDLE_CLOSES,
-        "Connections closed for idleness, by source (xdp/userspace/server-ping)."
-    );
-    describe_counter!(
-        SERVER_PINGS,
-        "PINGs sent by the server (server-ping mode and compat clients)."
-    );
+    describe_counter!(IDLE_CLOSES, "Connections closed for idleness, by source (xdp/userspace/server-ping).");
+    describe_counter!(SERVER_PINGS, "PINGs sent by the server (server-ping mode and compat clients).");
     describe_gauge!(LIVENESS_MODE, "1 for the liveness mode in effect, by mode.");
     describe_counter!(SWEEPS, "User-space deadline sweeps run.");
     describe_counter!(SWEEP_WAKEUPS, "Connections woken by the deadline sweep.");
     describe_gauge!(ROUTES, "Routes (connection, label) open now.");
     describe_counter!(PACKETS_DROPPED, "QUIC packets dropped, by reason.");
     describe_gauge!(QUIC_CONNECTIONS, "Tunnelled QUIC connections open now.");
-    describe_counter!(
-        QUIC_CONNECTIONS_TOTAL,
-        "Tunnelled QUIC connections accepted."
-    );
+    describe_counter!(QUIC_CONNECTIONS_TOTAL, "Tunnelled QUIC connections accepted.");
     describe_counter!(QUIC_STREAMS, "Proxy streams accepted.");
-    describe_counter!(
-        QUIC_MIGRATIONS,
-        "QUIC connections seen on a new route (migrations)."
-    );
-    describe_counter!(
-        PROXY_DIALS,
-        "Proxy dials, by result (ok, policy_refused, dns_failed, …)."
-    );
+    describe_counter!(QUIC_MIGRATIONS, "QUIC connections seen on a new route (migrations).");
+    describe_counter!(PROXY_DIALS, "Proxy dials, by result (ok, policy_refused, dns_failed, …).");
     describe_counter!(PROXY_BYTES, "Bytes spliced by the proxy, by direction.");
     describe_gauge!(DRAINING, "1 while the egress is draining.");
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
+    describe_gauge!(OPEN_FDS, "File descriptors the process holds.");
+    describe_gauge!(MAX_FDS, "The process's file descriptor limit.");
+    describe_gauge!(XDP_FLOWS, "Flows in the XDP liveness map.");
+    describe_gauge!(XDP_MAP_CAPACITY, "Capacity of the XDP liveness map.");
+    describe_counter!(XDP_EXPIRED, "Flows the kernel expired as idle (ring buffer events).");
 }

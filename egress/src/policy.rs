@@ -48,10 +48,7 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(deny_internal: bool, allow: Vec<IpNet>) -> Self {
-        Policy {
-            deny_internal,
-            allow,
-        }
+        Policy { deny_internal, allow }
     }
 
     /// `Err` with the reason when `ip` must not be dialled.
@@ -76,20 +73,10 @@ pub fn classify(ip: IpAddr) -> Option<Forbidden> {
             }
             let s = v6.segments();
             if s[..6] == [0, 0, 0, 0, 0, 0] && !(s[6] == 0 && s[7] <= 1) {
-                return classify_v4(Ipv4Addr::new(
-                    (s[6] >> 8) as u8,
-                    s[6] as u8,
-                    (s[7] >> 8) as u8,
-                    s[7] as u8,
-                ));
+                return classify_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
             }
             if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                return classify_v4(Ipv4Addr::new(
-                    (s[6] >> 8) as u8,
-                    s[6] as u8,
-                    (s[7] >> 8) as u8,
-                    s[7] as u8,
-                ));
+                return classify_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
             }
             classify_v6(v6)
         }
@@ -109,11 +96,7 @@ fn classify_v4(ip: Ipv4Addr) -> Option<Forbidden> {
         [255, 255, 255, 255] => Forbidden::Broadcast,
         [0, ..] => Forbidden::Unspecified,
         // Protocol assignments, documentation, benchmarking, reserved-for-future-use.
-        [192, 0, 0, _]
-        | [192, 0, 2, _]
-        | [198, 51, 100, _]
-        | [203, 0, 113, _]
-        | [240..=255, ..] => Forbidden::Reserved,
+        [192, 0, 0, _] | [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _] | [240..=255, ..] => Forbidden::Reserved,
         [198, b, ..] if b == 18 || b == 19 => Forbidden::Reserved,
         _ => return None,
     })
@@ -129,7 +112,7 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Forbidden> {
         [a, ..] if a & 0xffc0 == 0xfe80 => Forbidden::LinkLocal,
         [a, ..] if a & 0xffc0 == 0xfec0 => Forbidden::Private, // deprecated site-local
         [a, ..] if a & 0xff00 == 0xff00 => Forbidden::Multicast,
-        [0x2001, 0x0db8, ..] => Forbidden::Reserved, // documentation
+        [0x2001, 0x0db8, ..] => Forbidden::Reserved,  // documentation
         [0x0100, 0, 0, 0, ..] => Forbidden::Reserved, // discard-only
         _ => return None,
     })
@@ -176,14 +159,7 @@ mod tests {
         for (ip, why) in cases {
             assert_eq!(verdict(&p, ip), Err(why), "{ip}");
         }
-        for ok in [
-            "1.1.1.1",
-            "93.184.216.34",
-            "172.32.0.1",
-            "100.63.0.1",
-            "2606:4700::1111",
-            "::ffff:8.8.8.8",
-        ] {
+        for ok in ["1.1.1.1", "93.184.216.34", "172.32.0.1", "100.63.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
             assert_eq!(verdict(&p, ok), Ok(()), "{ok}");
         }
     }

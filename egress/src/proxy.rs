@@ -35,10 +35,7 @@ pub async fn serve(endpoint: quinn::Endpoint, settings: Arc<ProxySettings>) {
 
 async fn connection(conn: quinn::Connection, settings: Arc<ProxySettings>) {
     metrics::counter!(m::QUIC_CONNECTIONS_TOTAL).increment(1);
-    settings
-        .stats
-        .quic_connections
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    settings.stats.quic_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!(m::QUIC_CONNECTIONS).increment(1.0);
     let mut path = conn.remote_address();
     tracing::debug!(id = conn.stable_id(), %path, "QUIC connection");
@@ -53,10 +50,7 @@ async fn connection(conn: quinn::Connection, settings: Arc<ProxySettings>) {
         let now = conn.remote_address();
         if now != path {
             metrics::counter!(m::QUIC_MIGRATIONS).increment(1);
-            settings
-                .stats
-                .quic_migrations
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            settings.stats.quic_migrations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(id = conn.stable_id(), from = %path, to = %now, "QUIC connection migrated");
             path = now;
         }
@@ -69,22 +63,14 @@ async fn connection(conn: quinn::Connection, settings: Arc<ProxySettings>) {
 /// The outcome of resolving and dialling a request.
 struct Refusal(ProxyStatus, String);
 
-async fn reply(
-    send: &mut quinn::SendStream,
-    status: ProxyStatus,
-    reason: &str,
-) -> std::io::Result<()> {
+async fn reply(send: &mut quinn::SendStream, status: ProxyStatus, reason: &str) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(reason.len() + 3);
     ProxyReply { status, reason }.encode(&mut out);
     send.write_all(&out).await?;
     Ok(())
 }
 
-async fn stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    settings: Arc<ProxySettings>,
-) {
+async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, settings: Arc<ProxySettings>) {
     // Read exactly one request; what follows it already belongs to the destination.
     let mut buf = Vec::with_capacity(64);
     let (host, port, used) = loop {
@@ -92,12 +78,7 @@ async fn stream(
             Ok(Some((req, used))) => break (req.host.to_owned(), req.port, used),
             Ok(None) if buf.len() < MAX_HOST_LEN + 16 => {}
             Ok(None) | Err(_) => {
-                let _ = reply(
-                    &mut send,
-                    ProxyStatus::BAD_REQUEST,
-                    "malformed proxy request",
-                )
-                .await;
+                let _ = reply(&mut send, ProxyStatus::BAD_REQUEST, "malformed proxy request").await;
                 let _ = send.finish();
                 metrics::counter!(m::PROXY_DIALS, "result" => "bad_request").increment(1);
                 return;
@@ -107,12 +88,7 @@ async fn stream(
         match recv.read(&mut chunk).await {
             Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
             _ => {
-                let _ = reply(
-                    &mut send,
-                    ProxyStatus::BAD_REQUEST,
-                    "stream ended before the request",
-                )
-                .await;
+                let _ = reply(&mut send, ProxyStatus::BAD_REQUEST, "stream ended before the request").await;
                 let _ = send.finish();
                 metrics::counter!(m::PROXY_DIALS, "result" => "bad_request").increment(1);
                 return;
@@ -125,10 +101,7 @@ async fn stream(
         Err(Refusal(status, reason)) => {
             tracing::debug!(%host, port, status = status.label(), %reason, "proxy request refused");
             metrics::counter!(m::PROXY_DIALS, "result" => status.label()).increment(1);
-            settings
-                .stats
-                .proxy_refusals
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            settings.stats.proxy_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = reply(&mut send, status, &reason).await;
             let _ = send.finish();
             return;
@@ -146,31 +119,16 @@ async fn dial(host: &str, port: u16, s: &ProxySettings) -> Result<TcpStream, Ref
     let addrs: Vec<SocketAddr> = match literal {
         Some(ip) => vec![SocketAddr::new(ip, port)],
         None => {
-            let lookup =
-                tokio::time::timeout(s.resolve_timeout, tokio::net::lookup_host((host, port)))
-                    .await;
+            let lookup = tokio::time::timeout(s.resolve_timeout, tokio::net::lookup_host((host, port))).await;
             match lookup {
                 Ok(Ok(a)) => a.collect(),
-                Ok(Err(e)) => {
-                    return Err(Refusal(
-                        ProxyStatus::DNS_FAILED,
-                        format!("cannot resolve {host}: {e}"),
-                    ))
-                }
-                Err(_) => {
-                    return Err(Refusal(
-                        ProxyStatus::DNS_FAILED,
-                        format!("resolving {host} timed out"),
-                    ))
-                }
+                Ok(Err(e)) => return Err(Refusal(ProxyStatus::DNS_FAILED, format!("cannot resolve {host}: {e}"))),
+                Err(_) => return Err(Refusal(ProxyStatus::DNS_FAILED, format!("resolving {host} timed out"))),
             }
         }
     };
     if addrs.is_empty() {
-        return Err(Refusal(
-            ProxyStatus::DNS_FAILED,
-            format!("{host} has no addresses"),
-        ));
+        return Err(Refusal(ProxyStatus::DNS_FAILED, format!("{host} has no addresses")));
     }
     let mut first_refusal = None;
     let allowed: Vec<SocketAddr> = addrs
@@ -200,34 +158,16 @@ async fn dial(host: &str, port: u16, s: &ProxySettings) -> Result<TcpStream, Ref
                 return Ok(tcp);
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                last = Refusal(
-                    ProxyStatus::CONNECTION_REFUSED,
-                    format!("{addr} refused the connection"),
-                );
+                last = Refusal(ProxyStatus::CONNECTION_REFUSED, format!("{addr} refused the connection"));
             }
-            Ok(Err(e)) => {
-                last = Refusal(
-                    ProxyStatus::UNREACHABLE,
-                    format!("cannot reach {addr}: {e}"),
-                )
-            }
-            Err(_) => {
-                last = Refusal(
-                    ProxyStatus::TIMEOUT,
-                    format!("connecting to {addr} timed out"),
-                )
-            }
+            Ok(Err(e)) => last = Refusal(ProxyStatus::UNREACHABLE, format!("cannot reach {addr}: {e}")),
+            Err(_) => last = Refusal(ProxyStatus::TIMEOUT, format!("connecting to {addr} timed out")),
         }
     }
     Err(last)
 }
 
-async fn splice(
-    tcp: TcpStream,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    early: Vec<u8>,
-) {
+async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream, early: Vec<u8>) {
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let up = async {
         let mut n = early.len() as u64;
@@ -246,23 +186,30 @@ async fn splice(
             if k == 0 {
                 break;
             }
-            send.write_all(&buf[..k])
-                .await
-                .map_err(std::io::Error::other)?;
+            send.write_all(&buf[..k]).await.map_err(std::io::Error::other)?;
             n += k as u64;
         }
         send.finish().map_err(std::io::Error::other)?;
         Ok::<u64, std::io::Error>(n)
     };
-    let (u, d) = tokio::join!(up, down);
-    if let Ok(n) = u {
-        metrics::counter!(m::PROXY_BYTES, "direction" => "upstream").increment(n);
-    }
-    match d {
-        Ok(n) => metrics::counter!(m::PROXY_BYTES, "direction" => "downstream").increment(n),
-        Err(_) => {
-            let _ = send.reset(0u32.into());
+    // Each direction is counted as soon as it ends (the other may stay open for long).
+    let up = async {
+        let r = up.await;
+        if let Ok(n) = r {
+            metrics::counter!(m::PROXY_BYTES, "direction" => "upstream").increment(n);
         }
+        r
+    };
+    let down = async {
+        let r = down.await;
+        if let Ok(n) = r {
+            metrics::counter!(m::PROXY_BYTES, "direction" => "downstream").increment(n);
+        }
+        r
+    };
+    let (u, d) = tokio::join!(up, down);
+    if d.is_err() {
+        let _ = send.reset(0u32.into());
     }
     if u.is_err() {
         let _ = recv.stop(0u32.into());

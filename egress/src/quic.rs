@@ -25,15 +25,13 @@ struct Routes {
 
 impl PacketSink for Routes {
     fn send(&self, destination: SocketAddr, packet: &[u8]) {
-        let target = route_id(destination)
-            .and_then(|id| self.map.lock().expect("routes poisoned").get(&id).cloned());
+        let target = route_id(destination).and_then(|id| self.map.lock().expect("routes poisoned").get(&id).cloned());
         let Some(target) = target else {
             metrics::counter!(m::PACKETS_DROPPED, "reason" => "route_gone").increment(1);
             return;
         };
-        let mut frame = Vec::with_capacity(
-            broflake_proto::frame::data_overhead(target.label, packet.len()) + packet.len() + 8,
-        );
+        let mut frame =
+            Vec::with_capacity(broflake_proto::frame::data_overhead(target.label, packet.len()) + packet.len() + 8);
         broflake_proto::frame::encode_data(target.label, packet, &mut frame);
         if target.tx.try_send(Bytes::from(frame)).is_err() {
             // The connection is not draining its queue (slow reader): drop, QUIC backs off.
@@ -62,35 +60,19 @@ impl QuicBridge {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        Ok(Arc::new(QuicBridge {
-            routes,
-            inbound,
-            next_id: AtomicU64::new(1),
-            endpoint,
-        }))
+        Ok(Arc::new(QuicBridge { routes, inbound, next_id: AtomicU64::new(1), endpoint }))
     }
 
     /// Opens a route for `label` on the connection whose packet queue is `tx`.
     pub fn open_route(&self, tx: mpsc::Sender<Bytes>, label: u64) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.routes
-            .map
-            .lock()
-            .expect("routes poisoned")
-            .insert(id, Target { tx, label });
+        self.routes.map.lock().expect("routes poisoned").insert(id, Target { tx, label });
         metrics::gauge!(m::ROUTES).increment(1.0);
         id
     }
 
     pub fn close_route(&self, id: u64) {
-        if self
-            .routes
-            .map
-            .lock()
-            .expect("routes poisoned")
-            .remove(&id)
-            .is_some()
-        {
+        if self.routes.map.lock().expect("routes poisoned").remove(&id).is_some() {
             metrics::gauge!(m::ROUTES).decrement(1.0);
         }
     }

@@ -30,8 +30,7 @@ pub struct ConnHandle {
 
 impl ConnHandle {
     pub fn set_deadline(&self, t: Option<Timestamp>) {
-        self.deadline
-            .store(t.map_or(NEVER, |t| t.as_millis()), Ordering::Relaxed);
+        self.deadline.store(t.map_or(NEVER, |t| t.as_millis()), Ordering::Relaxed);
     }
 
     pub fn deadline(&self) -> Option<Timestamp> {
@@ -132,31 +131,18 @@ impl Registry {
             Admission::Refuse {
                 code: ErrorCode::PER_IP_LIMIT,
                 retry_after_ms: 1_000,
-                reason: format!(
-                    "too many connections from {} (limit {})",
-                    peer.ip(),
-                    self.max_per_ip
-                ),
+                reason: format!("too many connections from {} (limit {})", peer.ip(), self.max_per_ip),
             }
         } else {
             Admission::Admit
         };
         inner.next_id += 1;
         let id = inner.next_id;
-        let handle = Arc::new(ConnHandle {
-            id,
-            peer,
-            deadline: AtomicU64::new(NEVER),
-            wake: Notify::new(),
-        });
+        let handle = Arc::new(ConnHandle { id, peer, deadline: AtomicU64::new(NEVER), wake: Notify::new() });
         inner.conns.insert(id, handle.clone());
         *inner.per_ip.entry(peer.ip()).or_insert(0) += 1;
         self.count.store(inner.conns.len(), Ordering::Relaxed);
-        Ok(Registration {
-            registry: self.clone(),
-            handle,
-            admission,
-        })
+        Ok(Registration { registry: self.clone(), handle, admission })
     }
 
     fn unregister(&self, handle: &ConnHandle) {
@@ -184,13 +170,7 @@ impl Registry {
 
     /// Whether a session with this id is live here.
     pub fn has_session(&self, id: SessionId) -> bool {
-        !id.is_none()
-            && self
-                .inner
-                .lock()
-                .expect("registry poisoned")
-                .sessions
-                .contains_key(&id)
+        !id.is_none() && self.inner.lock().expect("registry poisoned").sessions.contains_key(&id)
     }
 
     /// Wakes every connection whose deadline is at or before `now`; returns how many.
@@ -233,13 +213,7 @@ mod tests {
         let _b = r.register("1.1.1.2:1".parse().unwrap()).unwrap();
         assert_eq!(a.admission, Admission::Admit);
         let c = r.register("1.1.1.3:1".parse().unwrap()).unwrap();
-        assert!(matches!(
-            c.admission,
-            Admission::Refuse {
-                code: ErrorCode::SERVER_FULL,
-                ..
-            }
-        ));
+        assert!(matches!(c.admission, Admission::Refuse { code: ErrorCode::SERVER_FULL, .. }));
         let mut extra = Vec::new();
         loop {
             match r.register("1.1.1.4:1".parse().unwrap()) {
@@ -266,10 +240,7 @@ mod tests {
         assert!(
             matches!(&c.admission, Admission::Refuse { code: ErrorCode::PER_IP_LIMIT, reason, .. } if reason.contains("9.9.9.9"))
         );
-        assert_eq!(
-            r.register("8.8.8.8:1".parse().unwrap()).unwrap().admission,
-            Admission::Admit
-        );
+        assert_eq!(r.register("8.8.8.8:1".parse().unwrap()).unwrap().admission, Admission::Admit);
     }
 
     #[test]
@@ -281,9 +252,6 @@ mod tests {
         b.handle.set_deadline(Some(Timestamp(5_000)));
         assert_eq!(r.sweep(Timestamp(99)), 0);
         assert_eq!(r.sweep(Timestamp(100)), 1);
-        assert_eq!(
-            r.find_peer("1.1.1.1:2".parse().unwrap()).unwrap().id,
-            b.handle.id
-        );
+        assert_eq!(r.find_peer("1.1.1.1:2".parse().unwrap()).unwrap().id, b.handle.id);
     }
 }

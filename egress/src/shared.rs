@@ -32,10 +32,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Arc<Config>, quic: Arc<QuicBridge>, kernel_liveness: bool) -> Self {
         let session = config.session_config();
-        let conns = Registry::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
+        let conns = Registry::new(config.limits.max_connections, config.limits.max_connections_per_ip);
         Shared {
             config,
             session,
@@ -64,10 +61,7 @@ impl Shared {
             h.write_u64(n);
             h.write_u64(salt);
             h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos(),
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
             );
             h.finish()
         };
@@ -109,9 +103,6 @@ pub struct WsClose {
 
 impl From<&Close> for WsClose {
     fn from(c: &Close) -> Self {
-        WsClose {
-            code: c.close_code(),
-            reason: c.reason.to_string(),
-        }
+        WsClose { code: c.close_code(), reason: c.reason.to_string() }
     }
 }

@@ -25,11 +25,7 @@ impl Identity {
 
     pub fn load(config: &Config) -> Result<Identity> {
         match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => Ok(Identity {
-                chain: read_chain(cert)?,
-                key: read_key(key)?,
-                generated: false,
-            }),
+            (Some(cert), Some(key)) => Ok(Identity { chain: read_chain(cert)?, key: read_key(key)?, generated: false }),
             _ => self_signed(&config.state_dir(), &config.tls.names),
         }
     }
@@ -58,9 +54,7 @@ impl Identity {
             .context("certificate and key do not match")?;
         c.alpn_protocols = vec![broflake_proto::proxy::ALPN.to_vec()];
         c.max_early_data_size = 0;
-        Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(
-            c,
-        )?))
+        Ok(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(c)?))
     }
 }
 
@@ -69,8 +63,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path)
-        .with_context(|| format!("cannot read certificate {}", path.display()))?;
+    let pem = std::fs::read(path).with_context(|| format!("cannot read certificate {}", path.display()))?;
     let chain: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
         .with_context(|| format!("bad PEM in {}", path.display()))?;
@@ -89,27 +82,16 @@ fn self_signed(dir: &Path, names: &[String]) -> Result<Identity> {
     let cert = dir.join("self-signed-cert.pem");
     let key = dir.join("self-signed-key.pem");
     if cert.exists() && key.exists() {
-        return Ok(Identity {
-            chain: read_chain(&cert)?,
-            key: read_key(&key)?,
-            generated: true,
-        });
+        return Ok(Identity { chain: read_chain(&cert)?, key: read_key(&key)?, generated: true });
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
     let mut sans = vec!["localhost".to_string()];
     sans.extend(names.iter().cloned());
-    let generated =
-        rcgen::generate_simple_self_signed(sans).context("cannot generate a certificate")?;
+    let generated = rcgen::generate_simple_self_signed(sans).context("cannot generate a certificate")?;
     write_private(&key, generated.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&cert, generated.cert.pem())
-        .with_context(|| format!("cannot write {}", cert.display()))?;
+    std::fs::write(&cert, generated.cert.pem()).with_context(|| format!("cannot write {}", cert.display()))?;
     tracing::info!(cert = %cert.display(), "generated a self-signed certificate");
-    Ok(Identity {
-        chain: read_chain(&cert)?,
-        key: read_key(&key)?,
-        generated: true,
-    })
+    Ok(Identity { chain: read_chain(&cert)?, key: read_key(&key)?, generated: true })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {

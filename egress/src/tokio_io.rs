@@ -44,8 +44,7 @@ pub async fn serve(
             },
             _ = stop.changed() => break,
         };
-        metrics::counter!(m::CONNECTIONS_ACCEPTED, "backend" => "tokio", "listener" => kind)
-            .increment(1);
+        metrics::counter!(m::CONNECTIONS_ACCEPTED, "backend" => "tokio", "listener" => kind).increment(1);
         let reg = match shared.conns.register(peer) {
             Ok(r) => r,
             Err(why) => {
@@ -61,19 +60,16 @@ pub async fn serve(
             let timeout = shared.config.liveness.handshake_timeout;
             match tls {
                 None => connection(stream, peer, reg, shared).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => connection(s, peer, reg, shared).await,
-                        Ok(Err(e)) => {
-                            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "tls").increment(1);
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout")
-                                .increment(1);
-                        }
+                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => connection(s, peer, reg, shared).await,
+                    Ok(Err(e)) => {
+                        metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "tls").increment(1);
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     }
-                }
+                    Err(_) => {
+                        metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout").increment(1);
+                    }
+                },
             }
         });
     }
@@ -100,15 +96,10 @@ where
     let mut refused_label = None;
     #[allow(clippy::result_large_err)] // the signature is tungstenite's
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        let protocols = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok());
+        let protocols = req.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok());
         match crate::upgrade::check(req.uri().path(), &path, protocols, min_v, max_v) {
             Ok(selected) => {
-                let token =
-                    HeaderValue::from_str(&selected.token()).expect("token is a valid header");
+                let token = HeaderValue::from_str(&selected.token()).expect("token is a valid header");
                 resp.headers_mut().insert("sec-websocket-protocol", token);
                 Ok(resp)
             }
@@ -116,14 +107,12 @@ where
                 refused_label = Some(r.label);
                 let mut e = ErrorResponse::new(Some(format!("{}\n", r.reason)));
                 *e.status_mut() = StatusCode::from_u16(r.status).expect("valid status");
-                e.headers_mut()
-                    .insert("sec-websocket-version", HeaderValue::from_static("13"));
+                e.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
                 Err(e)
             }
         }
     };
-    let accept =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(&shared)));
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(&shared)));
     let ws = match tokio::time::timeout(cfg.liveness.handshake_timeout, accept).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
@@ -160,17 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn new(ws: WebSocketStream<S>, reg: Registration, shared: Arc<Shared>) -> Self {
         let (out_tx, out_rx) = mpsc::channel(shared.config.limits.send_queue_packets);
         let session = ServerSession::new(shared.now());
-        Conn {
-            ws,
-            reg,
-            shared,
-            session,
-            out_tx,
-            out_rx,
-            routes: HashMap::new(),
-            tx: Vec::new(),
-            state: "handshaking",
-        }
+        Conn { ws, reg, shared, session, out_tx, out_rx, routes: HashMap::new(), tx: Vec::new(), state: "handshaking" }
     }
 
     fn set_state(&mut self, state: &'static str) {
@@ -227,12 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let t = match self.shared.kernel_liveness {
             // The kernel watches idleness; user space keeps only the handshake, server-ping
             // and drain deadlines.
-            true if self.session.is_open()
-                && !self.session.server_pings()
-                && !self.session.is_draining() =>
-            {
-                None
-            }
+            true if self.session.is_open() && !self.session.server_pings() && !self.session.is_draining() => None,
             _ => self.session.next_timeout(cfg),
         };
         self.reg.handle.set_deadline(t);
@@ -241,16 +215,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn on_deadline(&mut self) -> Option<WsClose> {
         let now = self.shared.now();
         let before = self.tx.len();
-        match self
-            .session
-            .on_timeout(&self.shared.session, now, &mut self.tx)
-        {
+        match self.session.on_timeout(&self.shared.session, now, &mut self.tx) {
             Ok(()) => {
                 if self.tx.len() > before {
-                    self.shared
-                        .stats
-                        .server_pings
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats.server_pings.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::SERVER_PINGS).increment(1);
                     metrics::counter!(m::FRAMES_SENT, "type" => "ping").increment(1);
                 }
@@ -258,15 +226,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             Err(close) => {
                 if close.code == ErrorCode::IDLE_TIMEOUT {
-                    let source = if self.session.server_pings() {
-                        "server-ping"
-                    } else {
-                        "userspace"
-                    };
-                    self.shared
-                        .stats
-                        .idle_closes
-                        .fetch_add(1, Ordering::Relaxed);
+                    let source = if self.session.server_pings() { "server-ping" } else { "userspace" };
+                    self.shared.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::IDLE_CLOSES, "source" => source).increment(1);
                 }
                 if close.code == ErrorCode::HANDSHAKE_TIMEOUT {
@@ -313,8 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         let msg = Message::Binary(Bytes::from(std::mem::take(&mut self.tx)));
         let len = msg.len() as u64;
-        match tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await
-        {
+        match tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await {
             Ok(Ok(())) => {
                 metrics::counter!(m::BYTES_SENT).increment(len);
                 true
@@ -337,21 +297,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Message::Binary(b) => b,
             Message::Text(_) => {
                 metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "text_message").increment(1);
-                return Err(WsClose {
-                    code: 1003,
-                    reason: "text messages are not allowed".into(),
-                });
+                return Err(WsClose { code: 1003, reason: "text messages are not allowed".into() });
             }
             Message::Ping(_) | Message::Pong(_) => {
                 self.session.touch(now);
                 return Ok(());
             }
-            Message::Close(_) => {
-                return Err(WsClose {
-                    code: 1000,
-                    reason: String::new(),
-                })
-            }
+            Message::Close(_) => return Err(WsClose { code: 1000, reason: String::new() }),
             Message::Frame(_) => return Ok(()),
         };
         metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
@@ -372,21 +324,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if matches!(decoded.frame, Frame::Ping { .. }) {
                 metrics::counter!(m::FRAMES_SENT, "type" => "pong").increment(1);
             }
-            let event =
-                match self
-                    .session
-                    .handle_frame(&self.shared.session, now, decoded, &mut self.tx)
-                {
-                    Ok(ev) => ev,
-                    Err(close) => return Err(self.closing(close)),
-                };
+            let event = match self.session.handle_frame(&self.shared.session, now, decoded, &mut self.tx) {
+                Ok(ev) => ev,
+                Err(close) => return Err(self.closing(close)),
+            };
             match event {
                 ServerEvent::Hello { hello, version } => self.on_hello(hello, version)?,
-                ServerEvent::Data {
-                    label,
-                    packet,
-                    new_route,
-                } => {
+                ServerEvent::Data { label, packet, new_route } => {
                     let id = match self.routes.get(&label) {
                         Some(id) => *id,
                         None if new_route => {
@@ -409,22 +353,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    fn on_hello(
-        &mut self,
-        hello: broflake_proto::frame::Hello<'_>,
-        version: u64,
-    ) -> Result<(), WsClose> {
+    fn on_hello(&mut self, hello: broflake_proto::frame::Hello<'_>, version: u64) -> Result<(), WsClose> {
         let draining = *self.shared.drain.borrow();
         let resuming = draining && self.shared.conns.has_session(hello.previous_session);
         let refusal = match &self.reg.admission {
-            Admission::Refuse {
-                code,
-                retry_after_ms,
-                reason,
-            } => Some((*code, *retry_after_ms, reason.clone())),
-            _ if draining && !resuming => {
-                Some((ErrorCode::DRAINING, 5_000, "server is draining".to_string()))
-            }
+            Admission::Refuse { code, retry_after_ms, reason } => Some((*code, *retry_after_ms, reason.clone())),
+            _ if draining && !resuming => Some((ErrorCode::DRAINING, 5_000, "server is draining".to_string())),
             _ => None,
         };
         if let Some((code, retry, reason)) = refusal {
@@ -437,15 +371,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             // Admitted only to take over the routes of a draining session: it ends with the drain.
             let deadline = self.shared.drain_deadline.load(Ordering::Relaxed);
             self.session.close_at(broflake_proto::Timestamp(deadline));
-            self.shared
-                .stats
-                .resumptions
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.resumptions.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(close) = self
-            .session
-            .accept(&self.shared.session, now, id, &mut self.tx)
-        {
+        if let Err(close) = self.session.accept(&self.shared.session, now, id, &mut self.tx) {
             return Err(self.closing(close));
         }
         metrics::counter!(m::HANDSHAKES, "result" => "accepted").increment(1);
@@ -469,10 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Bookkeeping for a session-decided close; returns the WebSocket close to send.
     fn closing(&self, close: Close) -> WsClose {
-        if !self.session.is_open()
-            && !close.by_peer
-            && close.code != ErrorCode::NO_ERROR
-            && self.state == "handshaking"
+        if !self.session.is_open() && !close.by_peer && close.code != ErrorCode::NO_ERROR && self.state == "handshaking"
         {
             self.count_refusal(&close);
         }
@@ -487,16 +412,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason_label).increment(1);
         if let Some(c) = end {
-            let frame = CloseFrame {
-                code: CloseCode::from(c.code),
-                reason: c.reason.into(),
-            };
+            let frame = CloseFrame { code: CloseCode::from(c.code), reason: c.reason.into() };
             // Best effort, bounded: a peer that does not read gets its TCP connection dropped.
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                self.ws.close(Some(frame)),
-            )
-            .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.ws.close(Some(frame))).await;
         }
     }
 }
@@ -516,23 +434,13 @@ fn close_label(code: u16) -> &'static str {
 fn ws_error(e: WsError) -> Option<WsClose> {
     use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match e {
-        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some(WsClose {
-            code: 1009,
-            reason: format!("message of {size} bytes exceeds the limit of {max_size}"),
-        }),
-        WsError::Capacity(c) => Some(WsClose {
-            code: 1009,
-            reason: c.to_string(),
-        }),
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            Some(WsClose { code: 1009, reason: format!("message of {size} bytes exceeds the limit of {max_size}") })
+        }
+        WsError::Capacity(c) => Some(WsClose { code: 1009, reason: c.to_string() }),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Protocol(p) => Some(WsClose {
-            code: 1002,
-            reason: p.to_string(),
-        }),
-        WsError::Utf8(_) => Some(WsClose {
-            code: 1007,
-            reason: "invalid UTF-8".into(),
-        }),
+        WsError::Protocol(p) => Some(WsClose { code: 1002, reason: p.to_string() }),
+        WsError::Utf8(_) => Some(WsClose { code: 1007, reason: "invalid UTF-8".into() }),
         _ => None,
     }
 }

@@ -44,31 +44,10 @@ mod tests {
 
     #[test]
     fn path_and_protocol() {
-        assert_eq!(
-            check("/broflake", "/broflake", ["broflake.v1"], 1, 1),
-            Ok(Selected::Version(1))
-        );
-        assert_eq!(
-            check("/broflake?x=1", "/broflake", ["broflake"], 1, 1),
-            Ok(Selected::Generic)
-        );
-        assert_eq!(
-            check("/other", "/broflake", ["broflake.v1"], 1, 1)
-                .unwrap_err()
-                .status,
-            404
-        );
-        assert_eq!(
-            check("/broflake", "/broflake", [], 1, 1)
-                .unwrap_err()
-                .status,
-            400
-        );
-        assert_eq!(
-            check("/broflake", "/broflake", ["chat"], 1, 1)
-                .unwrap_err()
-                .status,
-            426
-        );
+        assert_eq!(check("/broflake", "/broflake", ["broflake.v1"], 1, 1), Ok(Selected::Version(1)));
+        assert_eq!(check("/broflake?x=1", "/broflake", ["broflake"], 1, 1), Ok(Selected::Generic));
+        assert_eq!(check("/other", "/broflake", ["broflake.v1"], 1, 1).unwrap_err().status, 404);
+        assert_eq!(check("/broflake", "/broflake", [], 1, 1).unwrap_err().status, 400);
+        assert_eq!(check("/broflake", "/broflake", ["chat"], 1, 1).unwrap_err().status, 426);
     }
 }

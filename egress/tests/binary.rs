@@ -13,17 +13,10 @@ fn egress() -> Command {
 fn check_config_accepts_the_example_and_rejects_mistakes_with_a_reason() {
     let dir = testkit::temp_dir("check-config");
     let good = dir.join("good.toml");
-    std::fs::write(
-        &good,
-        "[listen]\nws = [\"127.0.0.1:9000\"]\nwss = []\n[liveness]\nmode = \"server-ping\"\n",
-    )
-    .unwrap();
+    std::fs::write(&good, "[listen]\nws = [\"127.0.0.1:9000\"]\nwss = []\n[liveness]\nmode = \"server-ping\"\n")
+        .unwrap();
     let out = egress().arg("check-config").arg(&good).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 
     let bad = dir.join("bad.toml");
@@ -34,34 +27,19 @@ fn check_config_accepts_the_example_and_rejects_mistakes_with_a_reason() {
     assert!(err.contains("unknown field `sw`"), "{err}");
 
     // print-config shows the effective configuration with flags applied, and it parses back.
-    let out = egress()
-        .args(["--no-wss", "--liveness", "server-ping", "print-config"])
-        .output()
-        .unwrap();
+    let out = egress().args(["--no-wss", "--liveness", "server-ping", "print-config"]).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("mode = \"server-ping\""), "{text}");
     let reparsed = dir.join("printed.toml");
     std::fs::write(&reparsed, &text).unwrap();
-    assert!(egress()
-        .arg("check-config")
-        .arg(&reparsed)
-        .status()
-        .unwrap()
-        .success());
+    assert!(egress().arg("check-config").arg(&reparsed).status().unwrap().success());
 }
 
 /// Starts the binary; returns it with its ws:// address once it listens.
 fn spawn(args: &[&str]) -> (std::process::Child, String) {
     let state = testkit::temp_dir("binary-state");
     let mut child = egress()
-        .args([
-            "--ws",
-            "127.0.0.1:0",
-            "--no-wss",
-            "--log",
-            "info",
-            "--state-dir",
-        ])
+        .args(["--ws", "127.0.0.1:0", "--no-wss", "--log", "info", "--state-dir"])
         .arg(&state)
         .args(args)
         .stdout(Stdio::piped())
@@ -78,9 +56,7 @@ fn spawn(args: &[&str]) -> (std::process::Child, String) {
             }
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("egress listens");
+    let url = rx.recv_timeout(Duration::from_secs(20)).expect("egress listens");
     (child, format!("{url}/broflake"))
 }
 
@@ -92,24 +68,13 @@ async fn sigterm_sends_goaway_to_every_client_before_closing() {
     let (mut child, url) = spawn(&["--config", config.to_str().unwrap()]);
     let mut links = Vec::new();
     for _ in 0..5 {
-        links.push(
-            Link::connect(LinkConfig::new(url.clone()))
-                .await
-                .expect("link"),
-        );
+        links.push(Link::connect(LinkConfig::new(url.clone())).await.expect("link"));
     }
     let t = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     for link in &mut links {
         let mut seen = Vec::new();
-        while let Some(ev) = tokio::time::timeout(Duration::from_secs(45), link.events.recv())
-            .await
-            .expect("events")
-        {
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(45), link.events.recv()).await.expect("events") {
             match ev {
                 LinkEvent::GoAway { grace_ms, .. } => seen.push(format!("goaway {grace_ms}")),
                 LinkEvent::Closed { reason, .. } => {
@@ -120,25 +85,18 @@ async fn sigterm_sends_goaway_to_every_client_before_closing() {
             }
         }
         assert_eq!(seen.len(), 2, "{seen:?}");
-        assert_eq!(
-            seen[0], "goaway 3000",
-            "GOAWAY first, with the configured grace"
-        );
+        assert_eq!(seen[0], "goaway 3000", "GOAWAY first, with the configured grace");
         // Then the socket closes: the client leaves when the grace is over, or the server
         // closes it with 4010 "drained", whichever comes first.
         assert!(
-            seen[1].contains("goaway grace over")
-                || (seen[1].contains("4010") && seen[1].contains("drained")),
+            seen[1].contains("goaway grace over") || (seen[1].contains("4010") && seen[1].contains("drained")),
             "{seen:?}"
         );
     }
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
     let took = t.elapsed();
-    assert!(
-        took >= Duration::from_millis(2_900) && took < Duration::from_secs(8),
-        "drain took {took:?}"
-    );
+    assert!(took >= Duration::from_millis(2_900) && took < Duration::from_secs(8), "drain took {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,18 +105,10 @@ async fn a_second_signal_exits_at_once() {
     let _link = Link::connect(LinkConfig::new(url)).await.expect("link");
     let pid = child.id().to_string();
     let t = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(child.try_wait().unwrap().is_none(), "still draining");
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
     assert!(status.success());
     assert!(t.elapsed() < Duration::from_secs(5));

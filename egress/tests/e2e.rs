@@ -43,14 +43,10 @@ where
 async fn handshake_and_client_ping_pong_over_ws_and_wss() {
     each_backend(|b| async move {
         let e = egress(testkit::egress_config(b), |_| {}).await;
-        for (url, tls) in [
-            (ws_url(&e), TlsMode::InsecureNoVerify),
-            (wss_url(&e), TlsMode::Pinned(e.fingerprint.clone())),
-        ] {
-            let cfg = LinkConfig {
-                tls,
-                ..LinkConfig::new(url.clone())
-            };
+        for (url, tls) in
+            [(ws_url(&e), TlsMode::InsecureNoVerify), (wss_url(&e), TlsMode::Pinned(e.fingerprint.clone()))]
+        {
+            let cfg = LinkConfig { tls, ..LinkConfig::new(url.clone()) };
             let link = Link::connect(cfg).await.expect("handshake");
             assert_eq!(link.subprotocol, "broflake.v1");
             assert_eq!(link.negotiated.version, 1);
@@ -65,11 +61,7 @@ async fn handshake_and_client_ping_pong_over_ws_and_wss() {
             }
             // Well past the 3 s idle timeout, the pinging link is still up.
             assert!(link.end.lock().unwrap().is_none(), "{url}");
-            assert_eq!(
-                Stats::get(&e.shared().stats.server_pings),
-                0,
-                "client pings, server never does"
-            );
+            assert_eq!(Stats::get(&e.shared().stats.server_pings), 0, "client pings, server never does");
         }
     })
     .await;
@@ -84,9 +76,7 @@ async fn wrong_version_is_refused_with_the_documented_code_and_reason() {
         cfg.client.min_version = 2;
         cfg.client.max_version = 3;
         let err = Link::connect(cfg).await.expect_err("refused");
-        let close = err
-            .refusal()
-            .unwrap_or_else(|| panic!("not an in-band refusal: {err}"));
+        let close = err.refusal().unwrap_or_else(|| panic!("not an in-band refusal: {err}"));
         assert_eq!(close.code, ErrorCode::UNSUPPORTED_VERSION);
         assert_eq!(close.close_code(), 4001);
         assert_eq!(close.reason, "unsupported version: client 2-3, server 1-1");
@@ -102,16 +92,10 @@ async fn wrong_version_is_refused_with_the_documented_code_and_reason() {
         }
         let mut cfg = LinkConfig::new(ws_url(&e));
         cfg.subprotocols = Some(vec![]);
-        assert!(matches!(
-            Link::connect(cfg).await,
-            Err(LinkError::Http { status: 400, .. })
-        ));
+        assert!(matches!(Link::connect(cfg).await, Err(LinkError::Http { status: 400, .. })));
         let mut cfg = LinkConfig::new(format!("ws://{}/elsewhere", e.ws_addrs[0]));
         cfg.subprotocols = None;
-        assert!(matches!(
-            Link::connect(cfg).await,
-            Err(LinkError::Http { status: 404, .. })
-        ));
+        assert!(matches!(Link::connect(cfg).await, Err(LinkError::Http { status: 404, .. })));
         assert!(Stats::get(&e.shared().stats.refusals) >= 1);
     })
     .await;
@@ -128,19 +112,9 @@ async fn idle_connection_is_closed_within_idle_timeout_plus_one_sweep() {
         let took = t.elapsed();
         assert_eq!(code, 4007, "{reason}");
         assert!(reason.contains("nothing received"), "{reason}");
-        assert_eq!(
-            frames,
-            vec!["error"],
-            "ERROR(IDLE_TIMEOUT) precedes the close"
-        );
-        assert!(
-            took >= Duration::from_millis(2_900),
-            "closed early: {took:?}"
-        );
-        assert!(
-            took <= Duration::from_millis(3_000 + 100 + 400),
-            "closed late: {took:?}"
-        );
+        assert_eq!(frames, vec!["error"], "ERROR(IDLE_TIMEOUT) precedes the close");
+        assert!(took >= Duration::from_millis(2_900), "closed early: {took:?}");
+        assert!(took <= Duration::from_millis(3_000 + 100 + 400), "closed late: {took:?}");
         assert_eq!(Stats::get(&e.shared().stats.idle_closes), 1);
     })
     .await;
@@ -149,10 +123,7 @@ async fn idle_connection_is_closed_within_idle_timeout_plus_one_sweep() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_ping_mode_keeps_a_silent_client_alive() {
     each_backend(|b| async move {
-        let e = egress(testkit::egress_config(b), |c| {
-            c.liveness.mode = LivenessMode::ServerPing
-        })
-        .await;
+        let e = egress(testkit::egress_config(b), |c| c.liveness.mode = LivenessMode::ServerPing).await;
         let mut cfg = LinkConfig::new(ws_url(&e));
         cfg.client.send_pings = false;
         let link = Link::connect(cfg).await.expect("handshake");
@@ -162,10 +133,7 @@ async fn server_ping_mode_keeps_a_silent_client_alive() {
         assert!(link.end.lock().unwrap().is_none());
         assert_eq!(link.sender.stats().pings_sent.load(Ordering::Relaxed), 0);
         let pings = Stats::get(&e.shared().stats.server_pings);
-        assert!(
-            (7..=10).contains(&pings),
-            "server pinged {pings} times in 9 s at a 1 s interval"
-        );
+        assert!((7..=10).contains(&pings), "server pinged {pings} times in 9 s at a 1 s interval");
         assert_eq!(Stats::get(&e.shared().stats.idle_closes), 0);
     })
     .await;
@@ -175,30 +143,16 @@ async fn consumer(e: &Egress) -> Consumer {
     let mut cfg = LinkConfig::new(ws_url(e));
     cfg.client.role = Role::CONSUMER;
     let link = Link::connect(cfg).await.expect("link");
-    let qcfg = ConsumerConfig {
-        tls: TlsMode::Pinned(e.fingerprint.clone()),
-        ..ConsumerConfig::default()
-    };
-    Consumer::connect(link, &qcfg)
-        .await
-        .expect("QUIC connection")
+    let qcfg = ConsumerConfig { tls: TlsMode::Pinned(e.fingerprint.clone()), ..ConsumerConfig::default() };
+    Consumer::connect(link, &qcfg).await.expect("QUIC connection")
 }
 
 /// Fetches the body from the HTTP server through a proxy stream; returns its SHA-256.
 async fn fetch(c: &Consumer, server: std::net::SocketAddr) -> (String, usize) {
-    let (mut send, mut recv) = c
-        .open("127.0.0.1", server.port())
-        .await
-        .expect("proxy stream");
-    send.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
+    let (mut send, mut recv) = c.open("127.0.0.1", server.port()).await.expect("proxy stream");
+    send.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
     let all = recv.read_to_end(128 << 20).await.expect("body");
-    let head_end = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP head")
-        + 4;
+    let head_end = all.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP head") + 4;
     (testkit::sha256_hex(&all[head_end..]), all.len() - head_end)
 }
 
@@ -225,19 +179,10 @@ async fn forbidden_destinations_are_refused_with_their_reason() {
         let c = consumer(&e).await;
         let cases = [
             ("10.1.2.3", "destination 10.1.2.3 is a private address"),
-            (
-                "169.254.169.254",
-                "destination 169.254.169.254 is a cloud metadata address",
-            ),
+            ("169.254.169.254", "destination 169.254.169.254 is a cloud metadata address"),
             ("::1", "destination ::1 is a loopback address"),
-            (
-                "fd00:ec2::254",
-                "destination fd00:ec2::254 is a cloud metadata address",
-            ),
-            (
-                "::ffff:192.168.0.1",
-                "destination ::ffff:192.168.0.1 is a private address",
-            ),
+            ("fd00:ec2::254", "destination fd00:ec2::254 is a cloud metadata address"),
+            ("::ffff:192.168.0.1", "destination ::ffff:192.168.0.1 is a private address"),
         ];
         for (host, reason) in cases {
             match c.open(host, 80).await {
@@ -289,11 +234,7 @@ async fn consumer_keeps_its_quic_connection_across_a_relay_link_failure() {
         assert_eq!(c.connection.stable_id(), id, "same QUIC connection");
         assert!(c.connection.close_reason().is_none());
         assert_eq!(c.link_failures.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            Stats::get(&e.shared().stats.quic_migrations),
-            0,
-            "counted at stream accept only"
-        );
+        assert_eq!(Stats::get(&e.shared().stats.quic_migrations), 0, "counted at stream accept only");
         // A new stream on the migrated connection: the egress sees the new path.
         assert_eq!(fetch(&c, server).await.0, digest);
         assert_eq!(Stats::get(&e.shared().stats.quic_migrations), 1);
@@ -323,25 +264,18 @@ async fn bad_input_gets_the_documented_close_and_others_are_unaffected() {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"\x16\x03\x01garbage\r\n\r\n").await.unwrap();
         let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut rest))
-            .await
-            .expect("closed");
+        let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut rest)).await.expect("closed");
 
         // A text message: close 1003.
         let mut ws = testkit::raw_handshaked(addr, &ClientConfig::default()).await;
         ws.send(Message::Text("hello".into())).await.unwrap();
         let (code, reason, _) = testkit::until_close(&mut ws).await;
-        assert_eq!(
-            (code, reason.as_str()),
-            (1003, "text messages are not allowed")
-        );
+        assert_eq!((code, reason.as_str()), (1003, "text messages are not allowed"));
 
         // A frame over the limit (16 KiB): ERROR then close 4005.
         let mut ws = testkit::raw_handshaked(addr, &ClientConfig::default()).await;
         let big = vec![0u8; 20_000];
-        ws.send(testkit::message(&[Frame::Padding { payload: &big }]))
-            .await
-            .unwrap();
+        ws.send(testkit::message(&[Frame::Padding { payload: &big }])).await.unwrap();
         let (code, reason, frames) = testkit::until_close(&mut ws).await;
         assert_eq!(code, 4005, "{reason}");
         assert!(reason.contains("exceeds the limit of 16384"), "{reason}");
@@ -349,25 +283,15 @@ async fn bad_input_gets_the_documented_close_and_others_are_unaffected() {
 
         // An unknown frame type without the ignorable flag: close 4004.
         let mut ws = testkit::raw_handshaked(addr, &ClientConfig::default()).await;
-        ws.send(Message::Binary(vec![0x0b, 0x00, 0x00].into()))
-            .await
-            .unwrap();
+        ws.send(Message::Binary(vec![0x0b, 0x00, 0x00].into())).await.unwrap();
         let (code, reason, _) = testkit::until_close(&mut ws).await;
         assert_eq!(code, 4004, "{reason}");
 
         // DATA before HELLO: protocol violation, 4003.
         let mut ws = testkit::raw_ws(addr, "broflake.v1").await.unwrap();
-        ws.send(testkit::message(&[Frame::Data {
-            label: 0,
-            packet: b"x",
-        }]))
-        .await
-        .unwrap();
+        ws.send(testkit::message(&[Frame::Data { label: 0, packet: b"x" }])).await.unwrap();
         let (code, reason, _) = testkit::until_close(&mut ws).await;
-        assert_eq!(
-            (code, reason.as_str()),
-            (4003, "data frame not allowed before HELLO")
-        );
+        assert_eq!((code, reason.as_str()), (4003, "data frame not allowed before HELLO"));
 
         // A message over the WebSocket message limit (64 KiB): 1009.
         let mut ws = testkit::raw_handshaked(addr, &ClientConfig::default()).await;

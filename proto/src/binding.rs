@@ -29,9 +29,7 @@ impl Selected {
 /// Why an upgrade is refused at the HTTP level (only non-browser clients can read these).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpgradeRefusal {
-    #[error(
-        "missing Sec-WebSocket-Protocol (expected {VERSION_TOKEN_PREFIX}1 or {GENERIC_TOKEN})"
-    )]
+    #[error("missing Sec-WebSocket-Protocol (expected {VERSION_TOKEN_PREFIX}1 or {GENERIC_TOKEN})")]
     MissingProtocol,
     #[error("no supported subprotocol offered (server speaks {VERSION_TOKEN_PREFIX}{min} to {VERSION_TOKEN_PREFIX}{max}; offer {GENERIC_TOKEN} to negotiate in-band)")]
     NoSupportedProtocol { min: u64, max: u64 },
@@ -65,11 +63,7 @@ pub fn select<'a>(
     let mut any = false;
     let mut generic = false;
     let mut best: Option<u64> = None;
-    for token in header_values
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-    {
+    for token in header_values.into_iter().flat_map(|v| v.split(',')).map(str::trim) {
         if token.is_empty() {
             continue;
         }
@@ -86,19 +80,14 @@ pub fn select<'a>(
         (Some(v), _, _) => Ok(Selected::Version(v)),
         (None, true, _) => Ok(Selected::Generic),
         (None, false, false) => Err(UpgradeRefusal::MissingProtocol),
-        (None, false, true) => Err(UpgradeRefusal::NoSupportedProtocol {
-            min: min_version,
-            max: max_version,
-        }),
+        (None, false, true) => Err(UpgradeRefusal::NoSupportedProtocol { min: min_version, max: max_version }),
     }
 }
 
 /// The list a client offers: its versions, highest first, then the generic token.
 pub fn offer(min_version: u64, max_version: u64) -> Vec<String> {
-    let mut tokens: Vec<String> = (min_version..=max_version)
-        .rev()
-        .map(|v| format!("{VERSION_TOKEN_PREFIX}{v}"))
-        .collect();
+    let mut tokens: Vec<String> =
+        (min_version..=max_version).rev().map(|v| format!("{VERSION_TOKEN_PREFIX}{v}")).collect();
     tokens.push(GENERIC_TOKEN.to_string());
     tokens
 }
@@ -109,30 +98,12 @@ mod tests {
 
     #[test]
     fn selection() {
-        assert_eq!(
-            select(["broflake.v1, broflake"], 1, 1),
-            Ok(Selected::Version(1))
-        );
-        assert_eq!(
-            select(["broflake.v2", "broflake.v1"], 1, 2),
-            Ok(Selected::Version(2))
-        );
-        assert_eq!(
-            select(["broflake.v9, broflake"], 1, 1),
-            Ok(Selected::Generic)
-        );
-        assert_eq!(
-            select(["broflake.x-1f2e, broflake.v1"], 1, 1),
-            Ok(Selected::Version(1))
-        );
-        assert_eq!(
-            select(Vec::<&str>::new(), 1, 1),
-            Err(UpgradeRefusal::MissingProtocol)
-        );
-        assert_eq!(
-            select(["broflake.v9"], 1, 1),
-            Err(UpgradeRefusal::NoSupportedProtocol { min: 1, max: 1 })
-        );
+        assert_eq!(select(["broflake.v1, broflake"], 1, 1), Ok(Selected::Version(1)));
+        assert_eq!(select(["broflake.v2", "broflake.v1"], 1, 2), Ok(Selected::Version(2)));
+        assert_eq!(select(["broflake.v9, broflake"], 1, 1), Ok(Selected::Generic));
+        assert_eq!(select(["broflake.x-1f2e, broflake.v1"], 1, 1), Ok(Selected::Version(1)));
+        assert_eq!(select(Vec::<&str>::new(), 1, 1), Err(UpgradeRefusal::MissingProtocol));
+        assert_eq!(select(["broflake.v9"], 1, 1), Err(UpgradeRefusal::NoSupportedProtocol { min: 1, max: 1 }));
         assert_eq!(select(["broflake.v01"], 1, 1).unwrap_err().status(), 426);
         assert_eq!(offer(1, 2), vec!["broflake.v2", "broflake.v1", "broflake"]);
         assert_eq!(Selected::Version(1).token(), "broflake.v1");

@@ -5,8 +5,7 @@
 use crate::close::Close;
 use crate::codes::ErrorCode;
 use crate::frame::{
-    self, encode_extensions, ext, Capabilities, DecodeError, Decoded, Extensions, Frame, Hello,
-    Role, SessionId,
+    self, encode_extensions, ext, Capabilities, DecodeError, Decoded, Extensions, Frame, Hello, Role, SessionId,
 };
 use crate::grease::{self, Rng};
 use crate::handshake;
@@ -40,9 +39,7 @@ impl Default for ClientConfig {
             min_version: handshake::MIN_VERSION,
             max_version: handshake::MAX_VERSION,
             role: Role::RELAY,
-            capabilities: Capabilities(
-                Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY,
-            ),
+            capabilities: Capabilities(Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY),
             previous_session: SessionId::NONE,
             user_agent: None,
             send_pings: true,
@@ -234,17 +231,12 @@ impl ClientSession {
 
     fn pong_timeout(&self, cfg: &ClientConfig) -> u64 {
         let keepalive = self.negotiated.map_or(20_000, |n| n.keepalive_ms);
-        cfg.pong_timeout_ms
-            .unwrap_or_else(|| (keepalive / 2).min(10_000))
+        cfg.pong_timeout_ms.unwrap_or_else(|| (keepalive / 2).min(10_000))
     }
 
     /// PING is in effect: we offered it and the server granted it.
     fn pinging(&self, cfg: &ClientConfig) -> bool {
-        cfg.send_pings
-            && self.is_open()
-            && self
-                .negotiated
-                .is_some_and(|n| n.capabilities.has(Capabilities::PING))
+        cfg.send_pings && self.is_open() && self.negotiated.is_some_and(|n| n.capabilities.has(Capabilities::PING))
     }
 
     fn schedule_ping(&mut self, cfg: &ClientConfig, now: Timestamp) {
@@ -277,12 +269,7 @@ impl ClientSession {
     }
 
     /// Runs deadlines: handshake timeout, dead link (missed PONG), PING due, GOAWAY grace.
-    pub fn handle_timeout(
-        &mut self,
-        cfg: &ClientConfig,
-        now: Timestamp,
-        tx: &mut Vec<u8>,
-    ) -> Result<(), Close> {
+    pub fn handle_timeout(&mut self, cfg: &ClientConfig, now: Timestamp, tx: &mut Vec<u8>) -> Result<(), Close> {
         match self.state {
             State::Idle | State::Closed => Ok(()),
             State::AwaitWelcome => {
@@ -343,10 +330,7 @@ impl ClientSession {
 
     fn send_ping(&mut self, now: Timestamp, tx: &mut Vec<u8>) {
         self.ping_seq += 1;
-        Frame::Ping {
-            payload: &self.ping_seq.to_be_bytes(),
-        }
-        .encode(0, tx);
+        Frame::Ping { payload: &self.ping_seq.to_be_bytes() }.encode(0, tx);
         self.outstanding = Some((self.ping_seq, now));
         self.pings_sent += 1;
     }
@@ -387,10 +371,9 @@ impl ClientSession {
         let frame = decoded.frame;
         self.last_rx = self.last_rx.max(now);
         match self.state {
-            State::Idle | State::Closed => Err(Close::local(
-                ErrorCode::PROTOCOL_VIOLATION,
-                "frame on a session that is not running",
-            )),
+            State::Idle | State::Closed => {
+                Err(Close::local(ErrorCode::PROTOCOL_VIOLATION, "frame on a session that is not running"))
+            }
             State::AwaitWelcome => match frame {
                 Frame::Padding { .. } | Frame::Unknown { .. } => Ok(ClientEvent::None),
                 Frame::Welcome(w) => {
@@ -415,11 +398,7 @@ impl ClientSession {
                     self.schedule_ping(cfg, now);
                     Ok(ClientEvent::Welcome(n))
                 }
-                Frame::Refuse {
-                    code,
-                    retry_after_ms,
-                    reason,
-                } => {
+                Frame::Refuse { code, retry_after_ms, reason } => {
                     self.state = State::Closed;
                     Err(Close::peer(code, reason, retry_after_ms))
                 }
@@ -439,9 +418,7 @@ impl ClientSession {
                     Some((seq, sent)) if payload == seq.to_be_bytes() => {
                         self.outstanding = None;
                         self.pongs_received += 1;
-                        Ok(ClientEvent::Pong {
-                            rtt_ms: now.since(sent),
-                        })
+                        Ok(ClientEvent::Pong { rtt_ms: now.since(sent) })
                     }
                     // Unsolicited or stale: ignored, as the spec says.
                     _ => Ok(ClientEvent::None),
@@ -450,11 +427,7 @@ impl ClientSession {
                     if self.routes.binary_search(&label).is_ok() {
                         Ok(ClientEvent::Data { label, packet })
                     } else {
-                        Frame::RouteClose {
-                            label,
-                            code: ErrorCode::ROUTE_UNKNOWN,
-                        }
-                        .encode(0, tx);
+                        Frame::RouteClose { label, code: ErrorCode::ROUTE_UNKNOWN }.encode(0, tx);
                         Ok(ClientEvent::None)
                     }
                 }
@@ -464,18 +437,12 @@ impl ClientSession {
                     }
                     Ok(ClientEvent::RouteClosed { label, code })
                 }
-                Frame::GoAway {
-                    grace_ms,
-                    reconnect,
-                } => {
+                Frame::GoAway { grace_ms, reconnect } => {
                     if self.state == State::Open {
                         self.state = State::GoingAway;
                         self.goaway_deadline = Some(now + grace_ms);
                     }
-                    Ok(ClientEvent::GoAway {
-                        grace_ms,
-                        reconnect,
-                    })
+                    Ok(ClientEvent::GoAway { grace_ms, reconnect })
                 }
                 Frame::Error { code, reason } => {
                     self.state = State::Closed;
@@ -555,11 +522,7 @@ impl ClientSession {
     ) -> Close {
         let close = Close::local(code, reason);
         if self.state != State::Closed && self.state != State::Idle {
-            Frame::Error {
-                code,
-                reason: &close.reason,
-            }
-            .encode(0, tx);
+            Frame::Error { code, reason: &close.reason }.encode(0, tx);
         }
         self.state = State::Closed;
         close
@@ -576,10 +539,6 @@ impl ClientSession {
     }
 
     fn violation(&mut self, name: &str, when: &str, tx: &mut Vec<u8>) -> Close {
-        self.fail(
-            ErrorCode::PROTOCOL_VIOLATION,
-            format!("{name} frame not allowed {when}"),
-            tx,
-        )
+        self.fail(ErrorCode::PROTOCOL_VIOLATION, format!("{name} frame not allowed {when}"), tx)
     }
 }

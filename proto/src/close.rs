@@ -19,21 +19,11 @@ pub struct Close {
 
 impl Close {
     pub fn local(code: ErrorCode, reason: impl Into<Cow<'static, str>>) -> Self {
-        Close {
-            code,
-            reason: truncate(reason.into()),
-            by_peer: false,
-            retry_after_ms: 0,
-        }
+        Close { code, reason: truncate(reason.into()), by_peer: false, retry_after_ms: 0 }
     }
 
     pub fn peer(code: ErrorCode, reason: &str, retry_after_ms: u64) -> Self {
-        Close {
-            code,
-            reason: Cow::Owned(reason.to_owned()),
-            by_peer: true,
-            retry_after_ms,
-        }
+        Close { code, reason: Cow::Owned(reason.to_owned()), by_peer: true, retry_after_ms }
     }
 
     /// The WebSocket close code.
@@ -45,13 +35,7 @@ impl Close {
 impl fmt::Display for Close {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let who = if self.by_peer { "peer" } else { "local" };
-        write!(
-            f,
-            "{} ({}, {who}): {}",
-            self.code.label(),
-            self.close_code(),
-            self.reason
-        )
+        write!(f, "{} ({}, {who}): {}", self.code.label(), self.close_code(), self.reason)
     }
 }
 

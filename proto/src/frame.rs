@@ -64,10 +64,7 @@ pub enum DecodeError {
     #[error("unknown frame type {frame_type:#x} without the ignorable flag")]
     UnknownFrame { frame_type: u64 },
     #[error("malformed {frame}: {what}")]
-    Malformed {
-        frame: &'static str,
-        what: &'static str,
-    },
+    Malformed { frame: &'static str, what: &'static str },
 }
 
 impl DecodeError {
@@ -202,8 +199,7 @@ impl<'a> Extensions<'a> {
             rest = &rest[n..];
             let (len, n) = read_field(rest, frame, "extension length")?;
             rest = &rest[n..];
-            let len =
-                usize::try_from(len).map_err(|_| malformed("extension overruns the frame"))?;
+            let len = usize::try_from(len).map_err(|_| malformed("extension overruns the frame"))?;
             if len > rest.len() {
                 return Err(malformed("extension overruns the frame"));
             }
@@ -251,9 +247,7 @@ impl<'a> Extensions<'a> {
     /// The USER_AGENT extension if present and valid (UTF-8, at most 64 bytes); an invalid
     /// one is treated as absent, as the spec says.
     pub fn user_agent(&self) -> Option<&'a str> {
-        self.get(ext::USER_AGENT)
-            .filter(|v| v.len() <= MAX_USER_AGENT_LEN)
-            .and_then(|v| std::str::from_utf8(v).ok())
+        self.get(ext::USER_AGENT).filter(|v| v.len() <= MAX_USER_AGENT_LEN).and_then(|v| std::str::from_utf8(v).ok())
     }
 }
 
@@ -383,17 +377,10 @@ impl<'a> Frame<'a> {
     fn payload_len(&self) -> usize {
         let v = |x: u64| varint::len(x);
         match self {
-            Frame::Padding { payload } | Frame::Ping { payload } | Frame::Pong { payload } => {
-                payload.len()
-            }
+            Frame::Padding { payload } | Frame::Ping { payload } | Frame::Pong { payload } => payload.len(),
             Frame::Unknown { payload, .. } => payload.len(),
             Frame::Hello(h) => {
-                v(h.min_version)
-                    + v(h.max_version)
-                    + 1
-                    + v(h.capabilities.0)
-                    + SESSION_ID_LEN
-                    + h.extensions.0.len()
+                v(h.min_version) + v(h.max_version) + 1 + v(h.capabilities.0) + SESSION_ID_LEN + h.extensions.0.len()
             }
             Frame::Welcome(w) => {
                 v(w.version)
@@ -405,15 +392,8 @@ impl<'a> Frame<'a> {
                     + v(w.max_routes)
                     + w.extensions.0.len()
             }
-            Frame::Refuse {
-                code,
-                retry_after_ms,
-                reason,
-            } => v(code.0) + v(*retry_after_ms) + reason.len(),
-            Frame::GoAway {
-                grace_ms,
-                reconnect,
-            } => v(*grace_ms) + reconnect.len(),
+            Frame::Refuse { code, retry_after_ms, reason } => v(code.0) + v(*retry_after_ms) + reason.len(),
+            Frame::GoAway { grace_ms, reconnect } => v(*grace_ms) + reconnect.len(),
             Frame::Error { code, reason } => v(code.0) + reason.len(),
             Frame::Data { label, packet } => v(*label) + packet.len(),
             Frame::RouteClose { label, code } => v(*label) + v(code.0),
@@ -445,19 +425,12 @@ impl<'a> Frame<'a> {
                 w(x.max_routes, out);
                 out.extend_from_slice(x.extensions.0);
             }
-            Frame::Refuse {
-                code,
-                retry_after_ms,
-                reason,
-            } => {
+            Frame::Refuse { code, retry_after_ms, reason } => {
                 w(code.0, out);
                 w(*retry_after_ms, out);
                 out.extend_from_slice(reason.as_bytes());
             }
-            Frame::GoAway {
-                grace_ms,
-                reconnect,
-            } => {
+            Frame::GoAway { grace_ms, reconnect } => {
                 w(*grace_ms, out);
                 out.extend_from_slice(reconnect.as_bytes());
             }
@@ -524,11 +497,7 @@ fn header_varint(buf: &[u8]) -> Result<(u64, usize), DecodeError> {
 
 /// Reads a varint inside a payload, where the frame boundary is known: running off the end
 /// is `malformed`, a non-minimal encoding is `bad_varint`.
-fn read_field(
-    buf: &[u8],
-    frame: &'static str,
-    what: &'static str,
-) -> Result<(u64, usize), DecodeError> {
+fn read_field(buf: &[u8], frame: &'static str, what: &'static str) -> Result<(u64, usize), DecodeError> {
     varint::read(buf).map_err(|e| match e {
         VarintError::Truncated => DecodeError::Malformed { frame, what },
         VarintError::NonMinimal => DecodeError::BadVarint,
@@ -579,10 +548,7 @@ impl<'a> Fields<'a> {
     }
 
     fn malformed(&self, what: &'static str) -> DecodeError {
-        DecodeError::Malformed {
-            frame: self.frame,
-            what,
-        }
+        DecodeError::Malformed { frame: self.frame, what }
     }
 }
 
@@ -594,10 +560,7 @@ pub fn decode(buf: &[u8], max_frame_size: usize) -> Result<Decoded<'_>, DecodeEr
     let header = n_type + 1 + n_len;
     let size = header as u64 + len;
     if size > max_frame_size as u64 {
-        return Err(DecodeError::FrameTooLarge {
-            size,
-            max: max_frame_size,
-        });
+        return Err(DecodeError::FrameTooLarge { size, max: max_frame_size });
     }
     let size = size as usize; // bounded by max_frame_size
     if buf.len() < size {
@@ -609,32 +572,18 @@ pub fn decode(buf: &[u8], max_frame_size: usize) -> Result<Decoded<'_>, DecodeEr
         if flags & FLAG_IGNORABLE == 0 {
             return Err(DecodeError::UnknownFrame { frame_type });
         }
-        return Ok(Decoded {
-            frame: Frame::Unknown {
-                frame_type,
-                payload,
-            },
-            flags,
-            len: size,
-        });
+        return Ok(Decoded { frame: Frame::Unknown { frame_type, payload }, flags, len: size });
     }
     if flags & FLAGS_PER_TYPE != 0 {
         return Err(DecodeError::ReservedFlags { frame_type, flags });
     }
     let frame = decode_payload(frame_type, payload)?;
-    Ok(Decoded {
-        frame,
-        flags,
-        len: size,
-    })
+    Ok(Decoded { frame, flags, len: size })
 }
 
 fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeError> {
     let name = type_name(frame_type);
-    let mut f = Fields {
-        buf: payload,
-        frame: name,
-    };
+    let mut f = Fields { buf: payload, frame: name };
     Ok(match frame_type {
         types::PADDING => Frame::Padding { payload },
         types::HELLO => {
@@ -647,14 +596,7 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
             if min_version == 0 || min_version > max_version {
                 return Err(f.malformed("version range must satisfy 1 <= min <= max"));
             }
-            Frame::Hello(Hello {
-                min_version,
-                max_version,
-                role,
-                capabilities,
-                previous_session,
-                extensions,
-            })
+            Frame::Hello(Hello { min_version, max_version, role, capabilities, previous_session, extensions })
         }
         types::WELCOME => {
             let version = f.varint("version")?;
@@ -692,11 +634,7 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
             let code = ErrorCode(f.varint("code")?);
             let retry_after_ms = f.varint("retry_after_ms")?;
             let reason = f.text(MAX_REASON_LEN, "reason must be UTF-8 of at most 123 bytes")?;
-            Frame::Refuse {
-                code,
-                retry_after_ms,
-                reason,
-            }
+            Frame::Refuse { code, retry_after_ms, reason }
         }
         types::PING | types::PONG => {
             if payload.len() > MAX_PING_PAYLOAD {
@@ -710,14 +648,8 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
         }
         types::GOAWAY => {
             let grace_ms = f.varint("grace_ms")?;
-            let reconnect = f.text(
-                MAX_RECONNECT_LEN,
-                "reconnect must be UTF-8 of at most 256 bytes",
-            )?;
-            Frame::GoAway {
-                grace_ms,
-                reconnect,
-            }
+            let reconnect = f.text(MAX_RECONNECT_LEN, "reconnect must be UTF-8 of at most 256 bytes")?;
+            Frame::GoAway { grace_ms, reconnect }
         }
         types::ERROR => {
             let code = ErrorCode(f.varint("code")?);
@@ -729,10 +661,7 @@ fn decode_payload(frame_type: u64, payload: &[u8]) -> Result<Frame<'_>, DecodeEr
             if f.buf.is_empty() {
                 return Err(f.malformed("empty packet"));
             }
-            Frame::Data {
-                label,
-                packet: f.buf,
-            }
+            Frame::Data { label, packet: f.buf }
         }
         types::ROUTE_CLOSE => {
             let label = f.varint("label")?;
@@ -754,10 +683,7 @@ pub struct Frames<'a> {
 
 impl<'a> Frames<'a> {
     pub fn new(message: &'a [u8], max_frame_size: usize) -> Self {
-        Frames {
-            rest: message,
-            max_frame_size,
-        }
+        Frames { rest: message, max_frame_size }
     }
 }
 
@@ -782,9 +708,6 @@ impl<'a> Iterator for Frames<'a> {
 }
 
 /// Decodes a whole message, all or nothing (used by tests, vectors and tools).
-pub fn decode_message(
-    message: &[u8],
-    max_frame_size: usize,
-) -> Result<Vec<Decoded<'_>>, DecodeError> {
+pub fn decode_message(message: &[u8], max_frame_size: usize) -> Result<Vec<Decoded<'_>>, DecodeError> {
     Frames::new(message, max_frame_size).collect()
 }

@@ -56,11 +56,7 @@ pub fn encode_frame(rng: &mut Rng, out: &mut Vec<u8>) {
     for b in &mut payload[..len] {
         *b = rng.next_u64() as u8;
     }
-    Frame::Unknown {
-        frame_type: frame_type(rng),
-        payload: &payload[..len],
-    }
-    .encode(FLAG_IGNORABLE, out);
+    Frame::Unknown { frame_type: frame_type(rng), payload: &payload[..len] }.encode(FLAG_IGNORABLE, out);
 }
 
 #[cfg(test)]

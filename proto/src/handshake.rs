@@ -10,12 +10,7 @@ pub const MAX_VERSION: u64 = 1;
 
 /// The highest version in both ranges, or the UNSUPPORTED_VERSION refusal with the
 /// reason format the spec fixes: `unsupported version: client A-B, server C-D`.
-pub fn negotiate(
-    server_min: u64,
-    server_max: u64,
-    client_min: u64,
-    client_max: u64,
-) -> Result<u64, Close> {
+pub fn negotiate(server_min: u64, server_max: u64, client_min: u64, client_max: u64) -> Result<u64, Close> {
     let low = server_min.max(client_min);
     let high = server_max.min(client_max);
     if low <= high {

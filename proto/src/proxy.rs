@@ -61,10 +61,7 @@ impl<'a> ProxyRequest<'a> {
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        assert!(
-            !self.host.is_empty() && self.host.len() <= MAX_HOST_LEN,
-            "host length"
-        );
+        assert!(!self.host.is_empty() && self.host.len() <= MAX_HOST_LEN, "host length");
         varint::write(self.host.len() as u64, out);
         out.extend_from_slice(self.host.as_bytes());
         out.extend_from_slice(&self.port.to_be_bytes());
@@ -129,13 +126,7 @@ impl<'a> ProxyReply<'a> {
             return Ok(None);
         }
         let reason = std::str::from_utf8(&buf[1 + n..end]).map_err(|_| ProxyError::BadReason)?;
-        Ok(Some((
-            ProxyReply {
-                status: ProxyStatus(status),
-                reason,
-            },
-            end,
-        )))
+        Ok(Some((ProxyReply { status: ProxyStatus(status), reason }, end)))
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -156,39 +147,22 @@ mod tests {
     #[test]
     fn request_round_trip_and_incremental() {
         let mut out = Vec::new();
-        ProxyRequest {
-            host: "example.com",
-            port: 443,
-        }
-        .encode(&mut out);
+        ProxyRequest { host: "example.com", port: 443 }.encode(&mut out);
         assert_eq!(out, b"\x0bexample.com\x01\xbb");
         for cut in 0..out.len() {
             assert_eq!(ProxyRequest::decode(&out[..cut]), Ok(None));
         }
         let (req, n) = ProxyRequest::decode(&out).unwrap().unwrap();
         assert_eq!((req.host, req.port, n), ("example.com", 443, out.len()));
-        assert_eq!(
-            ProxyRequest::decode(b"\x00\x01\xbb"),
-            Err(ProxyError::BadHost)
-        );
-        assert_eq!(
-            ProxyRequest::decode(b"\x01a\x00\x00"),
-            Err(ProxyError::BadPort)
-        );
-        assert_eq!(
-            ProxyRequest::decode(b"\x40\x01a\x00\x01"),
-            Err(ProxyError::BadVarint)
-        );
+        assert_eq!(ProxyRequest::decode(b"\x00\x01\xbb"), Err(ProxyError::BadHost));
+        assert_eq!(ProxyRequest::decode(b"\x01a\x00\x00"), Err(ProxyError::BadPort));
+        assert_eq!(ProxyRequest::decode(b"\x40\x01a\x00\x01"), Err(ProxyError::BadVarint));
     }
 
     #[test]
     fn reply_round_trip() {
         let mut out = Vec::new();
-        ProxyReply {
-            status: ProxyStatus::POLICY_REFUSED,
-            reason: "10.0.0.1 is private",
-        }
-        .encode(&mut out);
+        ProxyReply { status: ProxyStatus::POLICY_REFUSED, reason: "10.0.0.1 is private" }.encode(&mut out);
         let (reply, n) = ProxyReply::decode(&out).unwrap().unwrap();
         assert_eq!(n, out.len());
         assert_eq!(reply.status, ProxyStatus::POLICY_REFUSED);

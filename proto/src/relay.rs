@@ -34,11 +34,7 @@ pub struct RouteTable<D, U> {
 
 impl<D, U> Default for RouteTable<D, U> {
     fn default() -> Self {
-        RouteTable {
-            down: HashMap::new(),
-            up: HashMap::new(),
-            upstreams: HashMap::new(),
-        }
+        RouteTable { down: HashMap::new(), up: HashMap::new(), upstreams: HashMap::new() }
     }
 }
 
@@ -83,19 +79,11 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
 
     /// The upstream side of a downstream route, mapping it onto `up` if it is new.
     /// Returns `(upstream, label, new)`.
-    pub fn route_up(
-        &mut self,
-        link: D,
-        label: u64,
-        up: U,
-    ) -> Result<(U, u64, bool), RouteTableError> {
+    pub fn route_up(&mut self, link: D, label: u64, up: U) -> Result<(U, u64, bool), RouteTableError> {
         if let Some(&(u, l)) = self.down.get(&(link, label)) {
             return Ok((u, l, false));
         }
-        let state = self
-            .upstreams
-            .get_mut(&up)
-            .ok_or(RouteTableError::NoUpstream)?;
+        let state = self.upstreams.get_mut(&up).ok_or(RouteTableError::NoUpstream)?;
         if state.open >= state.max_routes {
             return Err(RouteTableError::UpstreamFull(state.max_routes));
         }
@@ -109,17 +97,8 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
 
     /// Maps a downstream route onto an upstream label the caller allocated (on the upstream
     /// connection's client session). Fails if the upstream is full or unknown.
-    pub fn insert(
-        &mut self,
-        link: D,
-        label: u64,
-        up: U,
-        up_label: u64,
-    ) -> Result<(), RouteTableError> {
-        let state = self
-            .upstreams
-            .get_mut(&up)
-            .ok_or(RouteTableError::NoUpstream)?;
+    pub fn insert(&mut self, link: D, label: u64, up: U, up_label: u64) -> Result<(), RouteTableError> {
+        let state = self.upstreams.get_mut(&up).ok_or(RouteTableError::NoUpstream)?;
         if state.open >= state.max_routes {
             return Err(RouteTableError::UpstreamFull(state.max_routes));
         }
@@ -137,9 +116,7 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
 
     /// Whether an upstream can take another route.
     pub fn has_room(&self, up: U) -> bool {
-        self.upstreams
-            .get(&up)
-            .is_some_and(|s| s.open < s.max_routes)
+        self.upstreams.get(&up).is_some_and(|s| s.open < s.max_routes)
     }
 
     /// Open routes carried by an upstream.
@@ -149,11 +126,7 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
 
     /// The routes carried by an upstream: (downstream link, downstream label, upstream label).
     pub fn routes_of(&self, up: U) -> Vec<(D, u64, u64)> {
-        self.up
-            .iter()
-            .filter(|((u, _), _)| *u == up)
-            .map(|((_, ul), (d, dl))| (*d, *dl, *ul))
-            .collect()
+        self.up.iter().filter(|((u, _), _)| *u == up).map(|((_, ul), (d, dl))| (*d, *dl, *ul)).collect()
     }
 
     /// Releases a route known by its downstream side; returns its upstream side.
@@ -179,26 +152,14 @@ impl<D: Copy + Eq + Hash, U: Copy + Eq + Hash> RouteTable<D, U> {
     /// A downstream link went away: releases its routes, returning their upstream sides
     /// (each gets a ROUTE_CLOSE upstream).
     pub fn remove_link(&mut self, link: D) -> Vec<(U, u64)> {
-        let keys: Vec<(D, u64)> = self
-            .down
-            .keys()
-            .filter(|(d, _)| *d == link)
-            .copied()
-            .collect();
-        keys.into_iter()
-            .filter_map(|(d, l)| self.close_down(d, l))
-            .collect()
+        let keys: Vec<(D, u64)> = self.down.keys().filter(|(d, _)| *d == link).copied().collect();
+        keys.into_iter().filter_map(|(d, l)| self.close_down(d, l)).collect()
     }
 
     /// Moves every route of `from` onto `to` with fresh labels (GOAWAY migration).
     /// Returns `(old upstream label, new upstream label)` pairs.
     pub fn migrate(&mut self, from: U, to: U) -> Result<Vec<(u64, u64)>, RouteTableError> {
-        let keys: Vec<(U, u64)> = self
-            .up
-            .keys()
-            .filter(|(u, _)| *u == from)
-            .copied()
-            .collect();
+        let keys: Vec<(U, u64)> = self.up.keys().filter(|(u, _)| *u == from).copied().collect();
         let mut moved = Vec::with_capacity(keys.len());
         for (u, old) in keys {
             let (link, label) = self.close_up(u, old).expect("key listed above");

@@ -9,8 +9,7 @@
 use crate::close::Close;
 use crate::codes::ErrorCode;
 use crate::frame::{
-    self, encode_extensions, Capabilities, DecodeError, Decoded, Extensions, Frame, Hello,
-    SessionId, Welcome,
+    self, encode_extensions, Capabilities, DecodeError, Decoded, Extensions, Frame, Hello, SessionId, Welcome,
 };
 use crate::grease;
 use crate::handshake;
@@ -115,11 +114,7 @@ pub enum ServerEvent<'a> {
     /// [`ServerSession::refuse`] before handing the session another frame.
     Hello { hello: Hello<'a>, version: u64 },
     /// A QUIC packet on a route. `new_route` is true for the first packet of a label.
-    Data {
-        label: u64,
-        packet: &'a [u8],
-        new_route: bool,
-    },
+    Data { label: u64, packet: &'a [u8], new_route: bool },
     /// The client released a route that was open.
     RouteClosed { label: u64, code: ErrorCode },
     /// A PONG answering one of the server's pings.
@@ -253,12 +248,7 @@ impl ServerSession {
     }
 
     /// Runs deadlines: handshake timeout, idle timeout, end of drain, server pings.
-    pub fn on_timeout(
-        &mut self,
-        cfg: &ServerConfig,
-        now: Timestamp,
-        tx: &mut Vec<u8>,
-    ) -> Result<(), Close> {
+    pub fn on_timeout(&mut self, cfg: &ServerConfig, now: Timestamp, tx: &mut Vec<u8>) -> Result<(), Close> {
         match self.state {
             State::Closed => return Ok(()),
             State::AwaitHello | State::AwaitAdmission => {
@@ -280,16 +270,10 @@ impl ServerSession {
             self.state = State::Closed;
             return Err(Close::local(ErrorCode::DRAINING, "drained"));
         }
-        if self.server_pings
-            && !self.ping_outstanding
-            && now >= self.last_ping_tx + cfg.keepalive_ms
-        {
+        if self.server_pings && !self.ping_outstanding && now >= self.last_ping_tx + cfg.keepalive_ms {
             self.last_ping_tx = now;
             self.ping_outstanding = true;
-            Frame::Ping {
-                payload: &now.as_millis().to_be_bytes(),
-            }
-            .encode(0, tx);
+            Frame::Ping { payload: &now.as_millis().to_be_bytes() }.encode(0, tx);
         }
         Ok(())
     }
@@ -333,12 +317,7 @@ impl ServerSession {
     ) -> Result<ServerEvent<'a>, Close> {
         let frame = decoded.frame;
         match self.state {
-            State::Closed => {
-                return Err(Close::local(
-                    ErrorCode::PROTOCOL_VIOLATION,
-                    "session closed",
-                ))
-            }
+            State::Closed => return Err(Close::local(ErrorCode::PROTOCOL_VIOLATION, "session closed")),
             State::AwaitAdmission => {
                 return Err(self.fail(ErrorCode::INTERNAL, "handshake left undecided", tx));
             }
@@ -355,9 +334,8 @@ impl ServerSession {
         match frame {
             Frame::Padding { .. } | Frame::Unknown { .. } => Ok(ServerEvent::None),
             Frame::Ping { payload } => {
-                self.take_ping_token(cfg, now).map_err(|()| {
-                    self.fail(ErrorCode::RATE_LIMITED, "ping rate limit exceeded", tx)
-                })?;
+                self.take_ping_token(cfg, now)
+                    .map_err(|()| self.fail(ErrorCode::RATE_LIMITED, "ping rate limit exceeded", tx))?;
                 Frame::Pong { payload }.encode(0, tx);
                 Ok(ServerEvent::None)
             }
@@ -385,10 +363,7 @@ impl ServerSession {
                 self.state = State::Closed;
                 Err(Close::peer(code, reason, 0))
             }
-            other @ (Frame::Hello(_)
-            | Frame::Welcome(_)
-            | Frame::Refuse { .. }
-            | Frame::GoAway { .. }) => {
+            other @ (Frame::Hello(_) | Frame::Welcome(_) | Frame::Refuse { .. } | Frame::GoAway { .. }) => {
                 Err(self.violation(other.name(), "from a client after the handshake", tx))
             }
         }
@@ -419,11 +394,7 @@ impl ServerSession {
         session_id: SessionId,
         tx: &mut Vec<u8>,
     ) -> Result<(), Close> {
-        assert_eq!(
-            self.state,
-            State::AwaitAdmission,
-            "accept without a pending HELLO"
-        );
+        assert_eq!(self.state, State::AwaitAdmission, "accept without a pending HELLO");
         if !cfg.role_allowed(frame::Role(self.role)) {
             let reason = format!("role {} is not allowed here", self.role);
             return Err(self.refuse(ErrorCode::BAD_ROLE, 0, reason, tx));
@@ -439,26 +410,16 @@ impl ServerSession {
             ServerPing::Compat => !client.has(Capabilities::PING),
             ServerPing::Never => false,
         };
-        let mut caps =
-            client.0 & (Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY);
+        let mut caps = client.0 & (Capabilities::PING | Capabilities::ROUTES | Capabilities::GOAWAY);
         if self.server_pings {
             // Exactly one of PING and SERVER_PING is in effect (PROTOCOL.md §7.3, §10.2).
             caps = (caps & !Capabilities::PING) | Capabilities::SERVER_PING;
         }
-        let max_routes = if client.has(Capabilities::ROUTES) {
-            cfg.max_routes
-        } else {
-            1
-        };
-        let mut rng = grease::Rng::new(u64::from_le_bytes(
-            session_id.0[..8].try_into().expect("8 bytes"),
-        ));
+        let max_routes = if client.has(Capabilities::ROUTES) { cfg.max_routes } else { 1 };
+        let mut rng = grease::Rng::new(u64::from_le_bytes(session_id.0[..8].try_into().expect("8 bytes")));
         let grease_ext = cfg.grease.then(|| {
             let value = rng.next_u64().to_be_bytes();
-            encode_extensions(&[(
-                grease::value(rng.below(64)),
-                &value[..(rng.below(9) as usize)],
-            )])
+            encode_extensions(&[(grease::value(rng.below(64)), &value[..(rng.below(9) as usize)])])
         });
         if cfg.grease {
             caps |= grease::capability_bit(&mut rng);
@@ -494,12 +455,7 @@ impl ServerSession {
         tx: &mut Vec<u8>,
     ) -> Close {
         let close = Close::local(code, reason);
-        Frame::Refuse {
-            code,
-            retry_after_ms,
-            reason: &close.reason,
-        }
-        .encode(0, tx);
+        Frame::Refuse { code, retry_after_ms, reason: &close.reason }.encode(0, tx);
         self.state = State::Closed;
         close
     }
@@ -513,11 +469,7 @@ impl ServerSession {
     ) -> Close {
         let close = Close::local(code, reason);
         if self.state != State::Closed {
-            Frame::Error {
-                code,
-                reason: &close.reason,
-            }
-            .encode(0, tx);
+            Frame::Error { code, reason: &close.reason }.encode(0, tx);
         }
         self.state = State::Closed;
         close
@@ -529,11 +481,7 @@ impl ServerSession {
     }
 
     fn violation(&mut self, name: &str, when: &str, tx: &mut Vec<u8>) -> Close {
-        self.fail(
-            ErrorCode::PROTOCOL_VIOLATION,
-            format!("{name} frame not allowed {when}"),
-            tx,
-        )
+        self.fail(ErrorCode::PROTOCOL_VIOLATION, format!("{name} frame not allowed {when}"), tx)
     }
 
     fn take_ping_token(&mut self, cfg: &ServerConfig, now: Timestamp) -> Result<(), ()> {
@@ -541,8 +489,7 @@ impl ServerSession {
             // In DRAINING `ping_refill_at` holds the drain deadline; the bucket stops refilling.
             let elapsed = now.since(self.ping_refill_at);
             let refill = elapsed.saturating_mul(u64::from(cfg.ping_refill_per_sec));
-            self.ping_tokens =
-                (u64::from(self.ping_tokens) + refill).min(u64::from(cfg.ping_burst) * 1000) as u32;
+            self.ping_tokens = (u64::from(self.ping_tokens) + refill).min(u64::from(cfg.ping_burst) * 1000) as u32;
             self.ping_refill_at = now;
         }
         if self.ping_tokens < 1000 {
@@ -560,11 +507,7 @@ impl ServerSession {
         tx: &mut Vec<u8>,
     ) -> Result<ServerEvent<'a>, Close> {
         match self.routes.binary_search(&label) {
-            Ok(_) => Ok(ServerEvent::Data {
-                label,
-                packet,
-                new_route: false,
-            }),
+            Ok(_) => Ok(ServerEvent::Data { label, packet, new_route: false }),
             Err(_) if label < self.next_new_label => {
                 // A route that was closed (or refused): drop silently. Labels are never
                 // reused, and answering every late packet would be an amplifier.
@@ -572,11 +515,7 @@ impl ServerSession {
             }
             Err(pos) => {
                 self.next_new_label = label.saturating_add(1);
-                let max_routes = if self.client_capabilities().has(Capabilities::ROUTES) {
-                    cfg.max_routes
-                } else {
-                    1
-                };
+                let max_routes = if self.client_capabilities().has(Capabilities::ROUTES) { cfg.max_routes } else { 1 };
                 let refuse = if self.state == State::Draining {
                     Some(ErrorCode::DRAINING)
                 } else if self.routes.len() as u64 >= max_routes {
@@ -589,11 +528,7 @@ impl ServerSession {
                     return Ok(ServerEvent::None);
                 }
                 self.routes.insert(pos, label);
-                Ok(ServerEvent::Data {
-                    label,
-                    packet,
-                    new_route: true,
-                })
+                Ok(ServerEvent::Data { label, packet, new_route: true })
             }
         }
     }
@@ -615,11 +550,7 @@ impl ServerSession {
         if self.state != State::Open {
             return;
         }
-        Frame::GoAway {
-            grace_ms,
-            reconnect,
-        }
-        .encode(0, tx);
+        Frame::GoAway { grace_ms, reconnect }.encode(0, tx);
         self.state = State::Draining;
         self.ping_refill_at = now + grace_ms;
     }

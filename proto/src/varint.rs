@@ -67,10 +67,7 @@ mod tests {
     fn rfc9000_examples() {
         // RFC 9000 appendix A.1 sample encodings.
         let cases: [(&[u8], u64); 4] = [
-            (
-                &[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c],
-                151_288_809_941_952_652,
-            ),
+            (&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c], 151_288_809_941_952_652),
             (&[0x9d, 0x7f, 0x3e, 0x7d], 494_878_333),
             (&[0x7b, 0xbd], 15_293),
             (&[0x25], 37),
@@ -88,10 +85,7 @@ mod tests {
         // RFC 9000 says 0x40 0x25 also decodes to 37; this protocol refuses it.
         assert_eq!(read(&[0x40, 0x25]), Err(VarintError::NonMinimal));
         assert_eq!(read(&[0x80, 0, 0x3f, 0xff]), Err(VarintError::NonMinimal));
-        assert_eq!(
-            read(&[0xc0, 0, 0, 0, 0x3f, 0xff, 0xff, 0xff]),
-            Err(VarintError::NonMinimal)
-        );
+        assert_eq!(read(&[0xc0, 0, 0, 0, 0x3f, 0xff, 0xff, 0xff]), Err(VarintError::NonMinimal));
     }
 
     #[test]

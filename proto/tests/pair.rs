@@ -4,38 +4,19 @@
 use broflake_proto::client::RouteError;
 use broflake_proto::relay::RouteTable;
 use broflake_proto::{
-    Capabilities, ClientConfig, ClientEvent, ClientSession, Close, ErrorCode, Frame, Role,
-    ServerConfig, ServerEvent, ServerPing, ServerSession, SessionId, Timestamp,
+    Capabilities, ClientConfig, ClientEvent, ClientSession, Close, ErrorCode, Frame, Role, ServerConfig, ServerEvent,
+    ServerPing, ServerSession, SessionId, Timestamp,
 };
 use std::collections::VecDeque;
 
 /// Owned copies of events, for assertions after the borrow of the message ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ev {
-    Hello {
-        version: u64,
-        role: Role,
-        user_agent: Option<String>,
-    },
-    Welcome {
-        version: u64,
-        keepalive_ms: u64,
-        caps: u64,
-        max_routes: u64,
-    },
-    Data {
-        label: u64,
-        packet: Vec<u8>,
-        new_route: bool,
-    },
-    RouteClosed {
-        label: u64,
-        code: ErrorCode,
-    },
-    GoAway {
-        grace_ms: u64,
-        reconnect: String,
-    },
+    Hello { version: u64, role: Role, user_agent: Option<String> },
+    Welcome { version: u64, keepalive_ms: u64, caps: u64, max_routes: u64 },
+    Data { label: u64, packet: Vec<u8>, new_route: bool },
+    RouteClosed { label: u64, code: ErrorCode },
+    GoAway { grace_ms: u64, reconnect: String },
     Pong,
 }
 
@@ -128,45 +109,30 @@ impl Pair {
                     let now = self.now;
                     let events = &mut self.server_events;
                     let scfg = &self.scfg;
-                    let r = self
-                        .server
-                        .handle_message(scfg, now, &msg, &mut tx, |s, ev, tx| {
-                            match ev {
-                                ServerEvent::Hello { hello, version } => {
-                                    events.push(Ev::Hello {
-                                        version,
-                                        role: hello.role,
-                                        user_agent: hello
-                                            .extensions
-                                            .user_agent()
-                                            .map(str::to_owned),
-                                    });
-                                    match admission {
-                                        Admission::Accept => {
-                                            s.accept(scfg, now, SessionId([7; 16]), tx)?
-                                        }
-                                        Admission::Refuse(code, retry, reason) => {
-                                            return Err(s.refuse(code, retry, reason, tx))
-                                        }
+                    let r = self.server.handle_message(scfg, now, &msg, &mut tx, |s, ev, tx| {
+                        match ev {
+                            ServerEvent::Hello { hello, version } => {
+                                events.push(Ev::Hello {
+                                    version,
+                                    role: hello.role,
+                                    user_agent: hello.extensions.user_agent().map(str::to_owned),
+                                });
+                                match admission {
+                                    Admission::Accept => s.accept(scfg, now, SessionId([7; 16]), tx)?,
+                                    Admission::Refuse(code, retry, reason) => {
+                                        return Err(s.refuse(code, retry, reason, tx))
                                     }
                                 }
-                                ServerEvent::Data {
-                                    label,
-                                    packet,
-                                    new_route,
-                                } => events.push(Ev::Data {
-                                    label,
-                                    packet: packet.to_vec(),
-                                    new_route,
-                                }),
-                                ServerEvent::RouteClosed { label, code } => {
-                                    events.push(Ev::RouteClosed { label, code })
-                                }
-                                ServerEvent::Pong => events.push(Ev::Pong),
-                                ServerEvent::None => {}
                             }
-                            Ok(())
-                        });
+                            ServerEvent::Data { label, packet, new_route } => {
+                                events.push(Ev::Data { label, packet: packet.to_vec(), new_route })
+                            }
+                            ServerEvent::RouteClosed { label, code } => events.push(Ev::RouteClosed { label, code }),
+                            ServerEvent::Pong => events.push(Ev::Pong),
+                            ServerEvent::None => {}
+                        }
+                        Ok(())
+                    });
                     if let Err(c) = r {
                         self.server_close = Some(c);
                     }
@@ -178,40 +144,26 @@ impl Pair {
                 let mut tx = Vec::new();
                 if self.client_close.is_none() {
                     let events = &mut self.client_events;
-                    let r = self.client.handle_message(
-                        &self.ccfg,
-                        self.now,
-                        &msg,
-                        &mut tx,
-                        |_, ev, _| {
-                            match ev {
-                                ClientEvent::Welcome(n) => events.push(Ev::Welcome {
-                                    version: n.version,
-                                    keepalive_ms: n.keepalive_ms,
-                                    caps: n.capabilities.known().0,
-                                    max_routes: n.max_routes,
-                                }),
-                                ClientEvent::Data { label, packet } => events.push(Ev::Data {
-                                    label,
-                                    packet: packet.to_vec(),
-                                    new_route: false,
-                                }),
-                                ClientEvent::RouteClosed { label, code } => {
-                                    events.push(Ev::RouteClosed { label, code })
-                                }
-                                ClientEvent::GoAway {
-                                    grace_ms,
-                                    reconnect,
-                                } => events.push(Ev::GoAway {
-                                    grace_ms,
-                                    reconnect: reconnect.to_owned(),
-                                }),
-                                ClientEvent::Pong { .. } => events.push(Ev::Pong),
-                                ClientEvent::None => {}
+                    let r = self.client.handle_message(&self.ccfg, self.now, &msg, &mut tx, |_, ev, _| {
+                        match ev {
+                            ClientEvent::Welcome(n) => events.push(Ev::Welcome {
+                                version: n.version,
+                                keepalive_ms: n.keepalive_ms,
+                                caps: n.capabilities.known().0,
+                                max_routes: n.max_routes,
+                            }),
+                            ClientEvent::Data { label, packet } => {
+                                events.push(Ev::Data { label, packet: packet.to_vec(), new_route: false })
                             }
-                            Ok(())
-                        },
-                    );
+                            ClientEvent::RouteClosed { label, code } => events.push(Ev::RouteClosed { label, code }),
+                            ClientEvent::GoAway { grace_ms, reconnect } => {
+                                events.push(Ev::GoAway { grace_ms, reconnect: reconnect.to_owned() })
+                            }
+                            ClientEvent::Pong { .. } => events.push(Ev::Pong),
+                            ClientEvent::None => {}
+                        }
+                        Ok(())
+                    });
                     if let Err(c) = r {
                         self.client_close = Some(c);
                     }
@@ -290,19 +242,12 @@ fn refusal_of(p: &Pair) -> &Close {
 
 #[test]
 fn successful_negotiation() {
-    let ccfg = ClientConfig {
-        user_agent: Some("pair-test/1".into()),
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { user_agent: Some("pair-test/1".into()), ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
     assert_eq!(
         p.server_events,
-        vec![Ev::Hello {
-            version: 1,
-            role: Role::RELAY,
-            user_agent: Some("pair-test/1".into())
-        }]
+        vec![Ev::Hello { version: 1, role: Role::RELAY, user_agent: Some("pair-test/1".into()) }]
     );
     assert_eq!(
         p.client_events,
@@ -314,23 +259,13 @@ fn successful_negotiation() {
         }]
     );
     assert!(p.server.is_open() && p.client.is_open());
-    assert!(
-        !p.server.server_pings(),
-        "a client that pings is never pinged"
-    );
-    assert_eq!(
-        p.client.negotiated().unwrap().session_id,
-        SessionId([7; 16])
-    );
+    assert!(!p.server.server_pings(), "a client that pings is never pinged");
+    assert_eq!(p.client.negotiated().unwrap().session_id, SessionId([7; 16]));
 }
 
 #[test]
 fn refusal_unsupported_version_client_too_new() {
-    let ccfg = ClientConfig {
-        min_version: 2,
-        max_version: 3,
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { min_version: 2, max_version: 3, ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
     let c = refusal_of(&p);
@@ -338,26 +273,16 @@ fn refusal_unsupported_version_client_too_new() {
     assert_eq!(c.code, ErrorCode::UNSUPPORTED_VERSION);
     assert_eq!(c.close_code(), 4001);
     assert_eq!(c.reason, "unsupported version: client 2-3, server 1-1");
-    assert_eq!(
-        p.server_close.as_ref().unwrap().code,
-        ErrorCode::UNSUPPORTED_VERSION
-    );
+    assert_eq!(p.server_close.as_ref().unwrap().code, ErrorCode::UNSUPPORTED_VERSION);
     assert!(p.server.is_closed());
 }
 
 #[test]
 fn refusal_unsupported_version_client_too_old() {
-    let scfg = ServerConfig {
-        min_version: 2,
-        max_version: 3,
-        ..ServerConfig::default()
-    };
+    let scfg = ServerConfig { min_version: 2, max_version: 3, ..ServerConfig::default() };
     let mut p = Pair::new(scfg, ClientConfig::default());
     p.start();
-    assert_eq!(
-        refusal_of(&p).reason,
-        "unsupported version: client 1-1, server 2-3"
-    );
+    assert_eq!(refusal_of(&p).reason, "unsupported version: client 1-1, server 2-3");
 }
 
 #[test]
@@ -380,9 +305,7 @@ fn server_choosing_a_version_outside_the_client_range_is_rejected_by_the_client(
     })
     .encode(0, &mut msg);
     let mut out = Vec::new();
-    let err = client
-        .handle_message(&ccfg, Timestamp(1), &msg, &mut out, |_, _, _| Ok(()))
-        .unwrap_err();
+    let err = client.handle_message(&ccfg, Timestamp(1), &msg, &mut out, |_, _, _| Ok(())).unwrap_err();
     assert_eq!(err.code, ErrorCode::UNSUPPORTED_VERSION);
     assert!(!err.by_peer);
     assert!(client.is_closed());
@@ -391,18 +314,8 @@ fn server_choosing_a_version_outside_the_client_range_is_rejected_by_the_client(
 #[test]
 fn each_admission_refusal_reaches_the_client_with_code_and_reason() {
     let cases = [
-        (
-            ErrorCode::SERVER_FULL,
-            5_000,
-            "server full: 20000 connections",
-            4008,
-        ),
-        (
-            ErrorCode::PER_IP_LIMIT,
-            1_000,
-            "too many connections from 127.0.0.1",
-            4009,
-        ),
+        (ErrorCode::SERVER_FULL, 5_000, "server full: 20000 connections", 4008),
+        (ErrorCode::PER_IP_LIMIT, 1_000, "too many connections from 127.0.0.1", 4009),
         (ErrorCode::DRAINING, 0, "server is draining", 4010),
     ];
     for (code, retry, reason, close) in cases {
@@ -410,19 +323,13 @@ fn each_admission_refusal_reaches_the_client_with_code_and_reason() {
         p.admission = Admission::Refuse(code, retry, reason);
         p.start();
         let c = refusal_of(&p);
-        assert_eq!(
-            (c.code, c.retry_after_ms, c.reason.as_ref(), c.close_code()),
-            (code, retry, reason, close)
-        );
+        assert_eq!((c.code, c.retry_after_ms, c.reason.as_ref(), c.close_code()), (code, retry, reason, close));
     }
 }
 
 #[test]
 fn refusal_bad_role() {
-    let ccfg = ClientConfig {
-        role: Role(9),
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { role: Role(9), ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
     let c = refusal_of(&p);
@@ -438,10 +345,7 @@ fn refusal_handshake_timeout() {
     assert!(p.server_close.is_none());
     p.advance(1);
     let c = p.server_close.as_ref().unwrap();
-    assert_eq!(
-        (c.code, c.close_code()),
-        (ErrorCode::HANDSHAKE_TIMEOUT, 4006)
-    );
+    assert_eq!((c.code, c.close_code()), (ErrorCode::HANDSHAKE_TIMEOUT, 4006));
     assert_eq!(p.to_client.len(), 0, "drive delivered the REFUSE");
 }
 
@@ -451,10 +355,7 @@ fn client_times_out_without_welcome() {
     p.drop_to_server = true;
     p.start();
     p.advance(10_000);
-    assert_eq!(
-        p.client_close.as_ref().unwrap().code,
-        ErrorCode::HANDSHAKE_TIMEOUT
-    );
+    assert_eq!(p.client_close.as_ref().unwrap().code, ErrorCode::HANDSHAKE_TIMEOUT);
 }
 
 #[test]
@@ -480,10 +381,7 @@ fn missed_pong_is_detected_by_the_client() {
     assert!(c.reason.starts_with("pong timeout"));
     // First PING after at most 20 s, then the 10 s pong timeout.
     let after = p.client_closed_at.unwrap().since(t0);
-    assert!(
-        (16_000 + 10_000..=30_000).contains(&after),
-        "detected after {after} ms"
-    );
+    assert!((16_000 + 10_000..=30_000).contains(&after), "detected after {after} ms");
 }
 
 #[test]
@@ -499,16 +397,10 @@ fn silent_client_is_closed_for_idleness_at_the_idle_timeout() {
 
 #[test]
 fn server_ping_mode_keeps_a_client_without_ping_alive() {
-    let ccfg = ClientConfig {
-        send_pings: false,
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { send_pings: false, ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
-    assert!(
-        p.server.server_pings(),
-        "compat: client did not announce PING"
-    );
+    assert!(p.server.server_pings(), "compat: client did not announce PING");
     match p.client_events[0] {
         Ev::Welcome { caps, .. } => assert!(caps & Capabilities::SERVER_PING != 0),
         ref e => panic!("{e:?}"),
@@ -522,57 +414,35 @@ fn server_ping_mode_keeps_a_client_without_ping_alive() {
 
 #[test]
 fn server_ping_all_pings_even_pinging_clients() {
-    let scfg = ServerConfig {
-        server_ping: ServerPing::All,
-        ..ServerConfig::default()
-    };
+    let scfg = ServerConfig { server_ping: ServerPing::All, ..ServerConfig::default() };
     let mut p = Pair::new(scfg, ClientConfig::default());
     p.start();
     assert!(p.server.server_pings());
     match p.client_events[0] {
         Ev::Welcome { caps, .. } => {
-            assert_eq!(
-                caps & (Capabilities::PING | Capabilities::SERVER_PING),
-                Capabilities::SERVER_PING
-            )
+            assert_eq!(caps & (Capabilities::PING | Capabilities::SERVER_PING), Capabilities::SERVER_PING)
         }
         ref e => panic!("{e:?}"),
     }
     p.advance(3 * 60_000);
     assert!(p.server_close.is_none() && p.client_close.is_none());
-    assert_eq!(
-        p.server_events.iter().filter(|e| **e == Ev::Pong).count(),
-        9
-    );
-    assert_eq!(
-        p.client.pings_sent(),
-        0,
-        "PING is not in effect, so the client does not ping"
-    );
+    assert_eq!(p.server_events.iter().filter(|e| **e == Ev::Pong).count(), 9);
+    assert_eq!(p.client.pings_sent(), 0, "PING is not in effect, so the client does not ping");
 }
 
 #[test]
 fn probes_may_not_send_data() {
-    let ccfg = ClientConfig {
-        role: Role::PROBE,
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { role: Role::PROBE, ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
     let l = p.client.open_route().unwrap();
     p.client_send(|c, tx| assert!(c.send_data(l, b"x", tx)));
-    assert_eq!(
-        p.server_close.as_ref().unwrap().code,
-        ErrorCode::PROTOCOL_VIOLATION
-    );
+    assert_eq!(p.server_close.as_ref().unwrap().code, ErrorCode::PROTOCOL_VIOLATION);
 }
 
 #[test]
 fn admission_refusals_come_before_the_role_check() {
-    let ccfg = ClientConfig {
-        role: Role(9),
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { role: Role(9), ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.admission = Admission::Refuse(ErrorCode::SERVER_FULL, 0, "full");
     p.start();
@@ -583,19 +453,13 @@ fn admission_refusals_come_before_the_role_check() {
 fn server_pings_do_not_keep_a_black_holed_client_alive() {
     // Server pings answer nothing when the client's direction is cut: the idle timeout
     // still closes the connection.
-    let ccfg = ClientConfig {
-        send_pings: false,
-        ..ClientConfig::default()
-    };
+    let ccfg = ClientConfig { send_pings: false, ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
     assert!(p.server.server_pings());
     p.drop_to_server = true;
     p.advance(61_000);
-    assert_eq!(
-        p.server_close.as_ref().unwrap().code,
-        ErrorCode::IDLE_TIMEOUT
-    );
+    assert_eq!(p.server_close.as_ref().unwrap().code, ErrorCode::IDLE_TIMEOUT);
 }
 
 #[test]
@@ -607,48 +471,26 @@ fn goaway_drains_the_connection() {
     p.server_send(|s, tx| s.goaway(now, 30_000, "wss://other.example/broflake", tx));
     assert_eq!(
         p.client_events.last(),
-        Some(&Ev::GoAway {
-            grace_ms: 30_000,
-            reconnect: "wss://other.example/broflake".into()
-        })
+        Some(&Ev::GoAway { grace_ms: 30_000, reconnect: "wss://other.example/broflake".into() })
     );
     assert!(p.client.is_going_away());
     assert_eq!(p.client.open_route(), Err(RouteError::GoingAway));
     // Existing routes still flow during the grace period.
     p.client_send(|c, tx| assert!(c.send_data(label, b"quic-2", tx)));
-    assert_eq!(
-        p.server_events.last(),
-        Some(&Ev::Data {
-            label,
-            packet: b"quic-2".to_vec(),
-            new_route: false
-        })
-    );
+    assert_eq!(p.server_events.last(), Some(&Ev::Data { label, packet: b"quic-2".to_vec(), new_route: false }));
     // A new label during the drain is closed with DRAINING.
     p.client_send(|_, tx| broflake_proto::frame::encode_data(9, b"x", tx));
-    assert_eq!(
-        p.client_events.last(),
-        Some(&Ev::RouteClosed {
-            label: 9,
-            code: ErrorCode::DRAINING
-        })
-    );
+    assert_eq!(p.client_events.last(), Some(&Ev::RouteClosed { label: 9, code: ErrorCode::DRAINING }));
     // The client keeps pinging; the server closes at the end of the grace period.
     p.advance(40_000);
     let c = p.server_close.as_ref().unwrap();
-    assert_eq!(
-        (c.code, c.close_code(), c.reason.as_ref()),
-        (ErrorCode::DRAINING, 4010, "drained")
-    );
+    assert_eq!((c.code, c.close_code(), c.reason.as_ref()), (ErrorCode::DRAINING, 4010, "drained"));
     assert_eq!(p.server_closed_at.unwrap().since(now), 30_000);
 }
 
 #[test]
 fn routes_open_close_limit_and_unknown() {
-    let scfg = ServerConfig {
-        max_routes: 2,
-        ..ServerConfig::default()
-    };
+    let scfg = ServerConfig { max_routes: 2, ..ServerConfig::default() };
     let mut p = Pair::new(scfg, ClientConfig::default());
     p.start();
     let a = p.client.open_route().unwrap();
@@ -663,32 +505,14 @@ fn routes_open_close_limit_and_unknown() {
     assert_eq!(
         p.server_events[1..],
         [
-            Ev::Data {
-                label: 0,
-                packet: b"a".to_vec(),
-                new_route: true
-            },
-            Ev::Data {
-                label: 1,
-                packet: b"b".to_vec(),
-                new_route: true
-            },
-            Ev::Data {
-                label: 0,
-                packet: b"a2".to_vec(),
-                new_route: false
-            },
+            Ev::Data { label: 0, packet: b"a".to_vec(), new_route: true },
+            Ev::Data { label: 1, packet: b"b".to_vec(), new_route: true },
+            Ev::Data { label: 0, packet: b"a2".to_vec(), new_route: false },
         ]
     );
     // The client closes a route; the label is gone for good.
     p.client_send(|c, tx| assert!(c.close_route(a, ErrorCode::NO_ERROR, tx)));
-    assert_eq!(
-        p.server_events.last(),
-        Some(&Ev::RouteClosed {
-            label: 0,
-            code: ErrorCode::NO_ERROR
-        })
-    );
+    assert_eq!(p.server_events.last(), Some(&Ev::RouteClosed { label: 0, code: ErrorCode::NO_ERROR }));
     // A late packet on the closed label is dropped silently (no amplification).
     let (se, ce) = (p.server_events.len(), p.client_events.len());
     p.client_send(|_, tx| broflake_proto::frame::encode_data(0, b"late", tx));
@@ -698,11 +522,7 @@ fn routes_open_close_limit_and_unknown() {
     // (the server ignores a ROUTE_CLOSE for a label it does not hold, so count messages.)
     let sent = p.frames_to_server;
     p.server_send(|_, tx| broflake_proto::frame::encode_data(7, b"stray", tx));
-    assert_eq!(
-        p.frames_to_server,
-        sent + 1,
-        "the client answered with ROUTE_CLOSE(ROUTE_UNKNOWN)"
-    );
+    assert_eq!(p.frames_to_server, sent + 1, "the client answered with ROUTE_CLOSE(ROUTE_UNKNOWN)");
     assert!(p.client_close.is_none() && p.server_close.is_none());
     p.client_send(|c, tx| assert!(c.close_route(b, ErrorCode::NO_ERROR, tx)));
     assert!(p.server.route_count() == 0);
@@ -711,31 +531,16 @@ fn routes_open_close_limit_and_unknown() {
     assert_eq!(b, 2, "labels are never reused");
     // The server closes a route from its side.
     p.server_send(|s, tx| assert!(s.close_route(b, ErrorCode::NO_ERROR, tx)));
-    assert_eq!(
-        p.client_events.last(),
-        Some(&Ev::RouteClosed {
-            label: 2,
-            code: ErrorCode::NO_ERROR
-        })
-    );
+    assert_eq!(p.client_events.last(), Some(&Ev::RouteClosed { label: 2, code: ErrorCode::NO_ERROR }));
     assert!(p.client.routes().is_empty() && p.server.route_count() == 0);
     // A client that ignores max_routes: labels beyond the limit are refused, packets dropped.
-    let (x, y) = (
-        p.client.open_route().unwrap(),
-        p.client.open_route().unwrap(),
-    );
+    let (x, y) = (p.client.open_route().unwrap(), p.client.open_route().unwrap());
     p.client_send(|c, tx| {
         c.send_data(x, b"x", tx);
         c.send_data(y, b"y", tx);
         broflake_proto::frame::encode_data(y + 1, b"z", tx);
     });
-    assert_eq!(
-        p.client_events.last(),
-        Some(&Ev::RouteClosed {
-            label: y + 1,
-            code: ErrorCode::ROUTE_LIMIT
-        })
-    );
+    assert_eq!(p.client_events.last(), Some(&Ev::RouteClosed { label: y + 1, code: ErrorCode::ROUTE_LIMIT }));
     assert_eq!(p.server.route_count(), 2);
 }
 
@@ -751,10 +556,7 @@ fn ping_flood_is_rate_limited() {
     p.client_send(|_, tx| Frame::Ping { payload: &[99] }.encode(0, tx));
     let c = p.server_close.as_ref().unwrap();
     assert_eq!((c.code, c.close_code()), (ErrorCode::RATE_LIMITED, 4012));
-    assert_eq!(
-        p.client_close.as_ref().unwrap().code,
-        ErrorCode::RATE_LIMITED
-    );
+    assert_eq!(p.client_close.as_ref().unwrap().code, ErrorCode::RATE_LIMITED);
 }
 
 #[test]
@@ -778,25 +580,12 @@ fn protocol_violations_close_with_the_documented_codes() {
     }
     let mut hello = Vec::new();
     let mut c = ClientSession::new(3);
-    c.start(
-        &ClientConfig {
-            grease: false,
-            ..ClientConfig::default()
-        },
-        Timestamp(0),
-        &mut hello,
-    );
+    c.start(&ClientConfig { grease: false, ..ClientConfig::default() }, Timestamp(0), &mut hello);
 
     let mut data = Vec::new();
     broflake_proto::frame::encode_data(0, b"q", &mut data);
     let v = server_verdict(&data, None);
-    assert_eq!(
-        (v.code, v.reason.as_ref()),
-        (
-            ErrorCode::PROTOCOL_VIOLATION,
-            "data frame not allowed before HELLO"
-        )
-    );
+    assert_eq!((v.code, v.reason.as_ref()), (ErrorCode::PROTOCOL_VIOLATION, "data frame not allowed before HELLO"));
 
     let v = server_verdict(&hello, Some(&hello));
     assert_eq!(v.code, ErrorCode::PROTOCOL_VIOLATION, "handshake replay");
@@ -812,11 +601,7 @@ fn protocol_violations_close_with_the_documented_codes() {
     assert_eq!((v.code, v.close_code()), (ErrorCode::FRAME_TOO_LARGE, 4005));
 
     let v = server_verdict(&[0x00, 0x00, 0x00, 0x04, 0x00], None);
-    assert_eq!(
-        v.code,
-        ErrorCode::FRAME_ENCODING,
-        "truncated PING after PADDING"
-    );
+    assert_eq!(v.code, ErrorCode::FRAME_ENCODING, "truncated PING after PADDING");
 }
 
 #[test]
@@ -824,23 +609,13 @@ fn grease_and_padding_are_ignored_in_every_state() {
     let mut p = Pair::connected();
     let before = p.server_events.len();
     p.client_send(|_, tx| {
-        Frame::Unknown {
-            frame_type: 0x40,
-            payload: b"grease",
-        }
-        .encode(0x80, tx);
+        Frame::Unknown { frame_type: 0x40, payload: b"grease" }.encode(0x80, tx);
         Frame::Padding { payload: &[0; 100] }.encode(0, tx);
-        Frame::Unknown {
-            frame_type: 0x0a,
-            payload: b"",
-        }
-        .encode(0x80, tx); // future type, ignorable
+        Frame::Unknown { frame_type: 0x0a, payload: b"" }.encode(0x80, tx); // future type, ignorable
     });
     assert!(p.server_close.is_none());
     assert_eq!(p.server_events.len(), before);
-    p.server_send(|_, tx| {
-        broflake_proto::grease::encode_frame(&mut broflake_proto::grease::Rng::new(5), tx)
-    });
+    p.server_send(|_, tx| broflake_proto::grease::encode_frame(&mut broflake_proto::grease::Rng::new(5), tx));
     assert!(p.client_close.is_none());
 }
 
@@ -858,12 +633,7 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     let t = Timestamp(0);
 
     // Handshake one client/server session pair in memory.
-    fn handshake(
-        c: &mut ClientSession,
-        s: &mut ServerSession,
-        scfg: &ServerConfig,
-        ccfg: &ClientConfig,
-    ) {
+    fn handshake(c: &mut ClientSession, s: &mut ServerSession, scfg: &ServerConfig, ccfg: &ClientConfig) {
         let mut hello = Vec::new();
         c.start(ccfg, Timestamp(0), &mut hello);
         let mut welcome = Vec::new();
@@ -874,28 +644,14 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
             Ok(())
         })
         .unwrap();
-        c.handle_message(ccfg, Timestamp(0), &welcome, &mut Vec::new(), |_, _, _| {
-            Ok(())
-        })
-        .unwrap();
+        c.handle_message(ccfg, Timestamp(0), &welcome, &mut Vec::new(), |_, _, _| Ok(())).unwrap();
         assert!(c.is_open() && s.is_open());
     }
 
-    let consumer_cfg = ClientConfig {
-        role: Role::CONSUMER,
-        ..ClientConfig::default()
-    };
+    let consumer_cfg = ClientConfig { role: Role::CONSUMER, ..ClientConfig::default() };
     let mut consumer = ClientSession::new(1);
-    let mut a = Hop {
-        down: ServerSession::new(t),
-        up: ClientSession::new(2),
-        table: RouteTable::new(),
-    };
-    let mut b = Hop {
-        down: ServerSession::new(t),
-        up: ClientSession::new(3),
-        table: RouteTable::new(),
-    };
+    let mut a = Hop { down: ServerSession::new(t), up: ClientSession::new(2), table: RouteTable::new() };
+    let mut b = Hop { down: ServerSession::new(t), up: ClientSession::new(3), table: RouteTable::new() };
     let mut egress = ServerSession::new(t);
     handshake(&mut consumer, &mut a.down, &scfg, &consumer_cfg);
     handshake(&mut a.up, &mut b.down, &scfg, &ccfg);
@@ -920,11 +676,7 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
                 ServerEvent::Data { label, packet, .. } => {
                     let (_, ul, new) = table.route_up(link, label, 0).unwrap();
                     if new {
-                        assert_eq!(
-                            up.open_route().unwrap(),
-                            ul,
-                            "table and session agree on labels"
-                        );
+                        assert_eq!(up.open_route().unwrap(), ul, "table and session agree on labels");
                     }
                     assert!(up.send_data(ul, packet, &mut out));
                 }
@@ -971,22 +723,13 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     let mut seen = Vec::new();
     egress
         .handle_message(&scfg, t, &m, &mut Vec::new(), |_, ev, _| {
-            if let ServerEvent::Data {
-                label,
-                packet,
-                new_route,
-            } = ev
-            {
+            if let ServerEvent::Data { label, packet, new_route } = ev {
                 seen.push((label, packet.to_vec(), new_route));
             }
             Ok(())
         })
         .unwrap();
-    assert_eq!(
-        seen,
-        vec![(3, b"initial".to_vec(), true)],
-        "egress sees B's label 3 only"
-    );
+    assert_eq!(seen, vec![(3, b"initial".to_vec(), true)], "egress sees B's label 3 only");
     assert_eq!(a.table.upstream_of(1, 0), Some((0, 0)));
     assert_eq!(b.table.upstream_of(1, 0), Some((0, 3)));
 
@@ -1030,9 +773,7 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     consumer.send_data(cl2, b"again", &mut m);
     let m = relay_up(&mut a, 1, &m, &scfg);
     let m = relay_up(&mut b, 1, &m, &scfg);
-    egress
-        .handle_message(&scfg, t, &m, &mut Vec::new(), |_, _, _| Ok(()))
-        .unwrap();
+    egress.handle_message(&scfg, t, &m, &mut Vec::new(), |_, _, _| Ok(())).unwrap();
     let (_, el) = b.table.upstream_of(1, 1).unwrap();
     assert_eq!(el, 4, "upstream labels are never reused");
     let mut m = Vec::new();
@@ -1060,20 +801,11 @@ fn relay_table_migrates_routes_on_goaway_and_cleans_up_links() {
     assert_eq!(t.route_up(100, 0, 1).unwrap(), (1, 0, true));
     assert_eq!(t.route_up(100, 5, 1).unwrap(), (1, 1, true));
     assert_eq!(t.route_up(200, 0, 1).unwrap(), (1, 2, true));
-    assert_eq!(
-        t.route_up(100, 0, 2).unwrap(),
-        (1, 0, false),
-        "existing mapping wins"
-    );
+    assert_eq!(t.route_up(100, 0, 2).unwrap(), (1, 0, false), "existing mapping wins");
     let mut moved = t.migrate(1, 2).unwrap();
     moved.sort();
-    assert_eq!(
-        moved.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
-        vec![0, 1, 2]
-    );
-    assert!(t
-        .upstream_load()
-        .all(|(u, n)| if u == 1 { n == 0 } else { n == 3 }));
+    assert_eq!(moved.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(t.upstream_load().all(|(u, n)| if u == 1 { n == 0 } else { n == 3 }));
     let mut released = t.remove_link(100);
     released.sort();
     assert_eq!(released.len(), 2);
@@ -1082,24 +814,15 @@ fn relay_table_migrates_routes_on_goaway_and_cleans_up_links() {
     assert!(t.is_empty());
     t.add_upstream(3, 1);
     t.route_up(1, 0, 3).unwrap();
-    assert_eq!(
-        t.route_up(1, 1, 3),
-        Err(broflake_proto::relay::RouteTableError::UpstreamFull(1))
-    );
+    assert_eq!(t.route_up(1, 1, 3), Err(broflake_proto::relay::RouteTableError::UpstreamFull(1)));
 }
 
 #[test]
 fn a_client_that_does_not_ping_detects_a_dead_link_by_the_receive_timeout() {
     // Pure client-driven liveness (the server never pings) and a client that does not PING:
     // the original problem. The middlebox has silently cut the flow.
-    let scfg = ServerConfig {
-        server_ping: ServerPing::Never,
-        ..ServerConfig::default()
-    };
-    let ccfg = ClientConfig {
-        send_pings: false,
-        ..ClientConfig::default()
-    };
+    let scfg = ServerConfig { server_ping: ServerPing::Never, ..ServerConfig::default() };
+    let ccfg = ClientConfig { send_pings: false, ..ClientConfig::default() };
     let mut p = Pair::new(scfg, ccfg);
     p.start();
     assert!(!p.server.server_pings());
@@ -1107,16 +830,8 @@ fn a_client_that_does_not_ping_detects_a_dead_link_by_the_receive_timeout() {
     p.drop_to_client = true;
     p.drop_to_server = true;
     p.advance(120_000);
-    assert_eq!(
-        p.server_closed_at.unwrap().since(t0),
-        60_000,
-        "server: idle timeout"
-    );
+    assert_eq!(p.server_closed_at.unwrap().since(t0), 60_000, "server: idle timeout");
     let c = p.client_close.as_ref().unwrap();
     assert!(c.reason.starts_with("receive timeout"), "{c}");
-    assert_eq!(
-        p.client_closed_at.unwrap().since(t0),
-        80_000,
-        "client: idle timeout + one keepalive"
-    );
+    assert_eq!(p.client_closed_at.unwrap().since(t0), 80_000, "client: idle timeout + one keepalive");
 }

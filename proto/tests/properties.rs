@@ -1,12 +1,10 @@
 //! Property tests: decoding never panics and encoding is a bijection onto canonical bytes.
 
-use broflake_proto::frame::{
-    decode, decode_message, encode_extensions, Extensions, Hello, Welcome,
-};
+use broflake_proto::frame::{decode, decode_message, encode_extensions, Extensions, Hello, Welcome};
 use broflake_proto::proxy::{ProxyReply, ProxyRequest, ProxyStatus};
 use broflake_proto::{
-    varint, Capabilities, ClientConfig, ClientSession, ErrorCode, Frame, Role, ServerConfig,
-    ServerEvent, ServerSession, SessionId, Timestamp,
+    varint, Capabilities, ClientConfig, ClientSession, ErrorCode, Frame, Role, ServerConfig, ServerEvent,
+    ServerSession, SessionId, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -14,23 +12,8 @@ use proptest::prelude::*;
 #[derive(Debug, Clone)]
 enum Owned {
     Padding(Vec<u8>),
-    Hello {
-        min: u64,
-        max: u64,
-        role: u8,
-        caps: u64,
-        prev: [u8; 16],
-        exts: Vec<(u64, Vec<u8>)>,
-    },
-    Welcome {
-        v: u64,
-        id: [u8; 16],
-        caps: u64,
-        keep: u64,
-        idle_extra: u64,
-        mfs: u64,
-        routes: u64,
-    },
+    Hello { min: u64, max: u64, role: u8, caps: u64, prev: [u8; 16], exts: Vec<(u64, Vec<u8>)> },
+    Welcome { v: u64, id: [u8; 16], caps: u64, keep: u64, idle_extra: u64, mfs: u64, routes: u64 },
     Refuse(u64, u64, String),
     Ping(Vec<u8>),
     Pong(Vec<u8>),
@@ -42,12 +25,7 @@ enum Owned {
 }
 
 fn var() -> impl Strategy<Value = u64> {
-    prop_oneof![
-        0u64..64,
-        64u64..16_384,
-        16_384u64..(1 << 30),
-        (1u64 << 30)..=varint::MAX
-    ]
+    prop_oneof![0u64..64, 64u64..16_384, 16_384u64..(1 << 30), (1u64 << 30)..=varint::MAX]
 }
 
 fn text(max: usize) -> impl Strategy<Value = String> {
@@ -86,33 +64,23 @@ fn owned() -> impl Strategy<Value = Owned> {
                 prev,
                 exts: m.into_iter().collect()
             }),
-        (
-            1u64..1000,
-            any::<[u8; 16]>(),
-            var(),
-            1000u64..(1 << 30),
-            var(),
-            1500u64..(1 << 30),
-            var()
-        )
-            .prop_map(
-                |(v, id, caps, keep, idle_extra, mfs, routes)| Owned::Welcome {
-                    v,
-                    id,
-                    caps,
-                    keep,
-                    idle_extra: idle_extra % (1 << 30),
-                    mfs,
-                    routes
-                }
-            ),
+        (1u64..1000, any::<[u8; 16]>(), var(), 1000u64..(1 << 30), var(), 1500u64..(1 << 30), var()).prop_map(
+            |(v, id, caps, keep, idle_extra, mfs, routes)| Owned::Welcome {
+                v,
+                id,
+                caps,
+                keep,
+                idle_extra: idle_extra % (1 << 30),
+                mfs,
+                routes
+            }
+        ),
         (var(), var(), text(123)).prop_map(|(c, r, s)| Owned::Refuse(c, r, s)),
         bytes(64).prop_map(Owned::Ping),
         bytes(64).prop_map(Owned::Pong),
         (var(), text(256)).prop_map(|(g, s)| Owned::GoAway(g, s)),
         (var(), text(123)).prop_map(|(c, s)| Owned::Error(c, s)),
-        (var(), proptest::collection::vec(any::<u8>(), 1..200))
-            .prop_map(|(l, p)| Owned::Data(l, p)),
+        (var(), proptest::collection::vec(any::<u8>(), 1..200)).prop_map(|(l, p)| Owned::Data(l, p)),
         (var(), var()).prop_map(|(l, c)| Owned::RouteClose(l, c)),
         ((0x0au64..varint::MAX), bytes(30)).prop_map(|(t, p)| Owned::Unknown(t, p)),
     ]
@@ -122,14 +90,7 @@ fn encode(o: &Owned, out: &mut Vec<u8>) {
     let ext_raw;
     let frame = match o {
         Owned::Padding(p) => Frame::Padding { payload: p },
-        Owned::Hello {
-            min,
-            max,
-            role,
-            caps,
-            prev,
-            exts,
-        } => {
+        Owned::Hello { min, max, role, caps, prev, exts } => {
             let items: Vec<(u64, &[u8])> = exts.iter().map(|(t, v)| (*t, v.as_slice())).collect();
             ext_raw = encode_extensions(&items);
             Frame::Hello(Hello {
@@ -141,15 +102,7 @@ fn encode(o: &Owned, out: &mut Vec<u8>) {
                 extensions: Extensions::parse(&ext_raw, "hello").unwrap(),
             })
         }
-        Owned::Welcome {
-            v,
-            id,
-            caps,
-            keep,
-            idle_extra,
-            mfs,
-            routes,
-        } => Frame::Welcome(Welcome {
+        Owned::Welcome { v, id, caps, keep, idle_extra, mfs, routes } => Frame::Welcome(Welcome {
             version: *v,
             session_id: SessionId(*id),
             capabilities: Capabilities(*caps),
@@ -159,42 +112,19 @@ fn encode(o: &Owned, out: &mut Vec<u8>) {
             max_routes: *routes,
             extensions: Extensions::EMPTY,
         }),
-        Owned::Refuse(c, r, s) => Frame::Refuse {
-            code: ErrorCode(*c),
-            retry_after_ms: *r,
-            reason: s,
-        },
+        Owned::Refuse(c, r, s) => Frame::Refuse { code: ErrorCode(*c), retry_after_ms: *r, reason: s },
         Owned::Ping(p) => Frame::Ping { payload: p },
         Owned::Pong(p) => Frame::Pong { payload: p },
-        Owned::GoAway(g, s) => Frame::GoAway {
-            grace_ms: *g,
-            reconnect: s,
-        },
-        Owned::Error(c, s) => Frame::Error {
-            code: ErrorCode(*c),
-            reason: s,
-        },
-        Owned::Data(l, p) => Frame::Data {
-            label: *l,
-            packet: p,
-        },
-        Owned::RouteClose(l, c) => Frame::RouteClose {
-            label: *l,
-            code: ErrorCode(*c),
-        },
+        Owned::GoAway(g, s) => Frame::GoAway { grace_ms: *g, reconnect: s },
+        Owned::Error(c, s) => Frame::Error { code: ErrorCode(*c), reason: s },
+        Owned::Data(l, p) => Frame::Data { label: *l, packet: p },
+        Owned::RouteClose(l, c) => Frame::RouteClose { label: *l, code: ErrorCode(*c) },
         Owned::Unknown(t, p) => {
             let t = if *t <= 0x09 { 0x0a } else { *t };
-            Frame::Unknown {
-                frame_type: t,
-                payload: p,
-            }
+            Frame::Unknown { frame_type: t, payload: p }
         }
     };
-    let flags = if matches!(frame, Frame::Unknown { .. }) {
-        0x80
-    } else {
-        0
-    };
+    let flags = if matches!(frame, Frame::Unknown { .. }) { 0x80 } else { 0 };
     let start = out.len();
     frame.encode(flags, out);
     assert_eq!(out.len() - start, frame.encoded_len());

@@ -11,11 +11,7 @@ fn load() -> Value {
 }
 
 fn exts(e: &broflake_proto::frame::Extensions<'_>) -> Value {
-    Value::Array(
-        e.iter()
-            .map(|(t, v)| json!({"type": t, "value": hex::encode(v)}))
-            .collect(),
-    )
+    Value::Array(e.iter().map(|(t, v)| json!({"type": t, "value": hex::encode(v)})).collect())
 }
 
 /// The vectors file's JSON form of a decoded frame.
@@ -33,19 +29,14 @@ fn to_json(d: &Decoded<'_>) -> Value {
             "idle_timeout_ms": w.idle_timeout_ms, "max_frame_size": w.max_frame_size,
             "max_routes": w.max_routes, "extensions": exts(&w.extensions),
         }),
-        Frame::Refuse {
-            code,
-            retry_after_ms,
-            reason,
-        } => {
+        Frame::Refuse { code, retry_after_ms, reason } => {
             json!({"type": "refuse", "code": code.0, "retry_after_ms": retry_after_ms, "reason": reason})
         }
         Frame::Ping { payload } => json!({"type": "ping", "payload": hex::encode(payload)}),
         Frame::Pong { payload } => json!({"type": "pong", "payload": hex::encode(payload)}),
-        Frame::GoAway {
-            grace_ms,
-            reconnect,
-        } => json!({"type": "goaway", "grace_ms": grace_ms, "reconnect": reconnect}),
+        Frame::GoAway { grace_ms, reconnect } => {
+            json!({"type": "goaway", "grace_ms": grace_ms, "reconnect": reconnect})
+        }
         Frame::Error { code, reason } => json!({"type": "error", "code": code.0, "reason": reason}),
         Frame::Data { label, packet } => {
             json!({"type": "data", "label": label, "packet": hex::encode(packet)})
@@ -53,10 +44,7 @@ fn to_json(d: &Decoded<'_>) -> Value {
         Frame::RouteClose { label, code } => {
             json!({"type": "route_close", "label": label, "code": code.0})
         }
-        Frame::Unknown {
-            frame_type,
-            payload,
-        } => {
+        Frame::Unknown { frame_type, payload } => {
             json!({"type": "unknown", "frame_type": frame_type, "payload": hex::encode(payload)})
         }
     };
@@ -68,20 +56,13 @@ fn to_json(d: &Decoded<'_>) -> Value {
 fn every_frame_vector() {
     let vectors = load();
     let frames = vectors["frames"].as_array().unwrap();
-    assert!(
-        frames.len() >= 60,
-        "the vectors file holds {} frame vectors",
-        frames.len()
-    );
+    assert!(frames.len() >= 60, "the vectors file holds {} frame vectors", frames.len());
     let mut failures = Vec::new();
     for v in frames {
         let id = v["id"].as_u64().unwrap();
         let name = v["name"].as_str().unwrap();
         let bytes = hex::decode(v["hex"].as_str().unwrap()).unwrap();
-        let max = v
-            .get("max_frame_size")
-            .and_then(Value::as_u64)
-            .unwrap_or(16_384) as usize;
+        let max = v.get("max_frame_size").and_then(Value::as_u64).unwrap_or(16_384) as usize;
         let got = decode_message(&bytes, max);
         match (v["expect"].as_str().unwrap(), got) {
             ("ok", Ok(decoded)) => {
@@ -99,30 +80,17 @@ fn every_frame_vector() {
                     failures.push(format!("#{id} {name}: re-encoded {}", hex::encode(&out)));
                 }
             }
-            ("ok", Err(e)) => {
-                failures.push(format!("#{id} {name}: want ok, got {}: {e}", e.kind()))
-            }
-            ("error", Ok(d)) => {
-                failures.push(format!("#{id} {name}: want {}, decoded {d:?}", v["error"]))
-            }
+            ("ok", Err(e)) => failures.push(format!("#{id} {name}: want ok, got {}: {e}", e.kind())),
+            ("error", Ok(d)) => failures.push(format!("#{id} {name}: want {}, decoded {d:?}", v["error"])),
             ("error", Err(e)) => {
                 if e.kind() != v["error"].as_str().unwrap() {
-                    failures.push(format!(
-                        "#{id} {name}: want {}, got {} ({e})",
-                        v["error"],
-                        e.kind()
-                    ));
+                    failures.push(format!("#{id} {name}: want {}, got {} ({e})", v["error"], e.kind()));
                 }
             }
             (other, _) => failures.push(format!("#{id}: unknown expectation {other}")),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} vector(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} vector(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -132,23 +100,13 @@ fn every_negotiation_vector() {
     assert!(cases.len() >= 8);
     for v in cases {
         let n = |k: &str| v[k].as_u64().unwrap();
-        let got = negotiate(
-            n("server_min"),
-            n("server_max"),
-            n("client_min"),
-            n("client_max"),
-        );
+        let got = negotiate(n("server_min"), n("server_max"), n("client_min"), n("client_max"));
         match v["expect"].as_str().unwrap() {
             "welcome" => assert_eq!(got.ok(), Some(n("version")), "vector {}", v["id"]),
             "refuse" => {
                 let close = got.expect_err("refusal");
                 assert_eq!(close.code.0, n("code"), "vector {}", v["id"]);
-                assert_eq!(
-                    close.reason,
-                    v["reason"].as_str().unwrap(),
-                    "vector {}",
-                    v["id"]
-                );
+                assert_eq!(close.reason, v["reason"].as_str().unwrap(), "vector {}", v["id"]);
             }
             other => panic!("unknown expectation {other}"),
         }
@@ -158,21 +116,12 @@ fn every_negotiation_vector() {
 #[test]
 fn vector_ids_are_unique_and_documented() {
     let vectors = load();
-    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"))
-        .unwrap();
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md")).unwrap();
     let mut ids = std::collections::HashSet::new();
-    for v in vectors["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .chain(vectors["negotiation"].as_array().unwrap())
-    {
+    for v in vectors["frames"].as_array().unwrap().iter().chain(vectors["negotiation"].as_array().unwrap()) {
         let id = v["id"].as_u64().unwrap();
         assert!(ids.insert(id), "duplicate vector id {id}");
         let name = v["name"].as_str().unwrap();
-        assert!(
-            spec.contains(name),
-            "vector {id} ({name}) is not listed in PROTOCOL.md §16"
-        );
+        assert!(spec.contains(name), "vector {id} ({name}) is not listed in PROTOCOL.md §16");
     }
 }

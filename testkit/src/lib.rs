@@ -115,20 +115,12 @@ pub async fn http_server(len: usize, seed: u64) -> (SocketAddr, String) {
 pub type RawWs = WebSocketStream<TcpStream>;
 
 /// Opens a raw WebSocket to an egress with the given subprotocol offer.
-pub async fn raw_ws(
-    addr: SocketAddr,
-    protocols: &str,
-) -> Result<RawWs, tokio_tungstenite::tungstenite::Error> {
+pub async fn raw_ws(addr: SocketAddr, protocols: &str) -> Result<RawWs, tokio_tungstenite::tungstenite::Error> {
     let mut req = format!("ws://{addr}{}", binding::DEFAULT_PATH).into_client_request()?;
     if !protocols.is_empty() {
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_str(protocols).unwrap(),
-        );
+        req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(protocols).unwrap());
     }
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+    let tcp = TcpStream::connect(addr).await.map_err(tokio_tungstenite::tungstenite::Error::Io)?;
     let (ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
     Ok(ws)
 }
@@ -136,18 +128,13 @@ pub async fn raw_ws(
 /// A raw WebSocket that completed the Broflake handshake (HELLO sent, WELCOME received) and
 /// does nothing else unless told to: the idle client of the tests.
 pub async fn raw_handshaked(addr: SocketAddr, cfg: &ClientConfig) -> RawWs {
-    let mut ws = raw_ws(addr, "broflake.v1, broflake")
-        .await
-        .expect("upgrade");
+    let mut ws = raw_ws(addr, "broflake.v1, broflake").await.expect("upgrade");
     let mut hello = Vec::new();
     ClientSession::new(1).start(cfg, Timestamp(0), &mut hello);
     ws.send(Message::Binary(hello.into())).await.unwrap();
     let msg = next_binary(&mut ws).await.expect("WELCOME");
     let frames = decode_message(&msg, usize::MAX).unwrap();
-    assert!(
-        matches!(frames[0].frame, Frame::Welcome(_)),
-        "got {frames:?}"
-    );
+    assert!(matches!(frames[0].frame, Frame::Welcome(_)), "got {frames:?}");
     ws
 }
 
@@ -173,12 +160,8 @@ pub async fn until_close(ws: &mut RawWs) -> (u16, String, Vec<String>) {
                     frames.push(d.frame.name().to_string());
                 }
             }
-            Some(Ok(Message::Close(Some(f)))) => {
-                return (u16::from(f.code), f.reason.to_string(), frames)
-            }
-            Some(Ok(Message::Close(None))) => {
-                return (u16::from(CloseCode::Status), String::new(), frames)
-            }
+            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string(), frames),
+            Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new(), frames),
             Some(Ok(_)) => {}
             Some(Err(_)) | None => return (1006, String::new(), frames),
         }

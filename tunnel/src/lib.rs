@@ -28,16 +28,7 @@ pub trait PacketSink: Send + Sync + fmt::Debug + 'static {
 /// The virtual address of route number `id`: `[fd00:b70f::<id>]:443` (ULA space that never
 /// reaches a real socket).
 pub fn route_addr(id: u64) -> SocketAddr {
-    let ip = Ipv6Addr::new(
-        0xfd00,
-        0xb70f,
-        0,
-        0,
-        (id >> 48) as u16,
-        (id >> 32) as u16,
-        (id >> 16) as u16,
-        id as u16,
-    );
+    let ip = Ipv6Addr::new(0xfd00, 0xb70f, 0, 0, (id >> 48) as u16, (id >> 32) as u16, (id >> 16) as u16, id as u16);
     SocketAddr::V6(SocketAddrV6::new(ip, 443, 0, 0))
 }
 
@@ -46,12 +37,7 @@ pub fn route_id(addr: SocketAddr) -> Option<u64> {
     match addr {
         SocketAddr::V6(a) if a.ip().segments()[..4] == [0xfd00, 0xb70f, 0, 0] => {
             let s = a.ip().segments();
-            Some(
-                (u64::from(s[4]) << 48)
-                    | (u64::from(s[5]) << 32)
-                    | (u64::from(s[6]) << 16)
-                    | u64::from(s[7]),
-            )
+            Some((u64::from(s[4]) << 48) | (u64::from(s[5]) << 32) | (u64::from(s[6]) << 16) | u64::from(s[7]))
         }
         _ => None,
     }
@@ -103,9 +89,7 @@ pub struct VirtualSocket {
 
 impl fmt::Debug for VirtualSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtualSocket")
-            .field("local", &self.local)
-            .finish_non_exhaustive()
+        f.debug_struct("VirtualSocket").field("local", &self.local).finish_non_exhaustive()
     }
 }
 
@@ -114,12 +98,7 @@ impl VirtualSocket {
     pub fn new(local: SocketAddr, sink: Arc<dyn PacketSink>, queue: usize) -> (Arc<Self>, Inbound) {
         let (tx, rx) = mpsc::channel(queue);
         let stats = Arc::new(SocketStats::default());
-        let socket = Arc::new(VirtualSocket {
-            local,
-            rx: Mutex::new(rx),
-            sink,
-            stats: stats.clone(),
-        });
+        let socket = Arc::new(VirtualSocket { local, rx: Mutex::new(rx), sink, stats: stats.clone() });
         (socket, Inbound { tx, stats })
     }
 
@@ -170,20 +149,11 @@ impl quinn::AsyncUdpSocket for VirtualSocket {
                 Poll::Ready(Some((from, packet))) => {
                     let len = packet.len().min(bufs[n].len());
                     bufs[n][..len].copy_from_slice(&packet[..len]);
-                    meta[n] = quinn::udp::RecvMeta {
-                        addr: from,
-                        len,
-                        stride: len,
-                        ecn: None,
-                        dst_ip: None,
-                    };
+                    meta[n] = quinn::udp::RecvMeta { addr: from, len, stride: len, ecn: None, dst_ip: None };
                     n += 1;
                 }
                 Poll::Ready(None) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "virtual socket closed",
-                    )))
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "virtual socket closed")))
                 }
                 Poll::Pending => return Poll::Pending,
             }

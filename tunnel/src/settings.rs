@@ -20,9 +20,7 @@ pub fn transport(
     t.mtu_discovery_config(None);
     t.max_concurrent_bidi_streams(max_bidi_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.max_idle_timeout(Some(
-        idle_timeout.try_into().expect("idle timeout in range"),
-    ));
+    t.max_idle_timeout(Some(idle_timeout.try_into().expect("idle timeout in range")));
     t.keep_alive_interval(keep_alive);
     // Loopback and relay links have large bandwidth-delay products relative to the defaults.
     t.stream_receive_window((8u32 << 20).into());
@@ -57,13 +55,9 @@ impl PinnedCert {
     pub fn new(fingerprint_hex: &str) -> Result<Arc<Self>, String> {
         let clean: String = fingerprint_hex.chars().filter(|c| *c != ':').collect();
         let bytes = hex::decode(&clean).map_err(|e| format!("bad certificate fingerprint: {e}"))?;
-        let sha256: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| "certificate fingerprint must be 32 bytes of SHA-256".to_string())?;
-        Ok(Arc::new(PinnedCert {
-            sha256,
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
-        }))
+        let sha256: [u8; 32] =
+            bytes.try_into().map_err(|_| "certificate fingerprint must be 32 bytes of SHA-256".to_string())?;
+        Ok(Arc::new(PinnedCert { sha256, provider: Arc::new(rustls::crypto::ring::default_provider()) }))
     }
 }
 
@@ -80,9 +74,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
         if sha2::Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256 {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(
-                "server certificate does not match the pinned SHA-256".into(),
-            ))
+            Err(rustls::Error::General("server certificate does not match the pinned SHA-256".into()))
         }
     }
 
@@ -92,12 +84,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -106,17 +93,10 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -57,18 +57,13 @@ fn main() -> Result<()> {
 }
 
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Runs a command, echoing it, failing with its exit status.
 pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {}", display(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
     if !status.success() {
         bail!("`{}` failed with {status}", display(cmd));
     }
@@ -91,14 +86,7 @@ fn cargo() -> Command {
 fn test(fuzz_seconds: u64) -> Result<()> {
     setup::all()?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
-    sh(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     sh(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     sh(cargo().args(["test", "--workspace", "--doc"]))?;
@@ -122,33 +110,23 @@ fn fuzz_targets() -> Result<Vec<String>> {
 }
 
 fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
-    let targets = if only.is_empty() {
-        fuzz_targets()?
-    } else {
-        only.to_vec()
-    };
+    let targets = if only.is_empty() { fuzz_targets()? } else { only.to_vec() };
     for t in &targets {
         // New inputs go to a scratch directory; the committed corpus is read as a seed.
         let scratch = PathBuf::from(format!("target/fuzz-corpus/{t}"));
         std::fs::create_dir_all(&scratch)?;
         let seed = PathBuf::from(format!("fuzz/corpus/{t}"));
         std::fs::create_dir_all(&seed)?;
-        sh(cargo()
-            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", t])
-            .arg(&scratch)
-            .arg(&seed)
-            .args([
-                "--",
-                &format!("-max_total_time={seconds}"),
-                "-print_final_stats=1",
-            ]))?;
+        sh(cargo().args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", t]).arg(&scratch).arg(&seed).args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-print_final_stats=1",
+        ]))?;
     }
     Ok(())
 }
 
 fn run(args: &[String]) -> Result<()> {
     setup::runtime()?;
-    sh(cargo()
-        .args(["run", "--release", "--bin", "egress", "--"])
-        .args(args))
+    sh(cargo().args(["run", "--release", "--bin", "egress", "--"]).args(args))
 }

@@ -6,16 +6,13 @@ use anyhow::Result;
 use std::process::{Command, Stdio};
 
 fn quiet_ok(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Everything the test command needs.
 pub fn all() -> Result<()> {
     runtime()?;
-    apt(&[("curl", "curl")])?;
+    apt(&[("curl", "curl"), ("promtool", "prometheus")])?;
     fuzz_tools()
 }
 
