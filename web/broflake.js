@@ -1440,6 +1440,7 @@ export class RelayPool extends Emitter {
     if (retry > delay) delay = retry;
     slot.state = 'backoff';
     slot.retryInMs = Math.round(delay);
+    this.emit('retry', { slot: slot.index, attempt: n, delayMs: delay });
     slot.retryTimer = this.timers.setTimeout(() => {
       slot.retryTimer = null;
       if (this.stopped) return;

@@ -63,6 +63,9 @@ pub struct Io {
     pub backend: Backend,
     /// Worker threads (0 = one per core).
     pub threads: usize,
+    /// io_uring: what an idle connection keeps armed (`poll`: a multishot poll, ≈256 B of
+    /// kernel memory; `recv`: a multishot receive into the provided buffer ring, ≈860 B).
+    pub uring_read: crate::uring::ReadMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,7 +186,7 @@ impl Default for Listen {
 
 impl Default for Io {
     fn default() -> Self {
-        Io { backend: Backend::Auto, threads: 0 }
+        Io { backend: Backend::Auto, threads: 0, uring_read: crate::uring::ReadMode::Poll }
     }
 }
 

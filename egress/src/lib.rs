@@ -16,6 +16,8 @@ pub mod shared;
 pub mod tls;
 pub mod tokio_io;
 pub mod upgrade;
+pub mod uring;
+pub mod wscodec;
 
 use anyhow::{Context, Result};
 use config::{Backend, Config, LivenessMode};
@@ -34,6 +36,7 @@ pub struct Egress {
     pub wss_addrs: Vec<SocketAddr>,
     /// Bound admin address, if configured.
     pub admin_addr: Option<SocketAddr>,
+    uring: Option<uring::Uring>,
     /// SHA-256 of the certificate (clients pin it).
     pub fingerprint: String,
     pub liveness: LivenessMode,
@@ -56,10 +59,18 @@ impl Egress {
         let fingerprint = identity.fingerprint();
 
         let backend = match config.io.backend {
-            Backend::Tokio | Backend::Auto => Backend::Tokio,
-            Backend::Uring => {
-                anyhow::bail!("io.backend = \"uring\" is not available in this build; use \"tokio\" or \"auto\"")
-            }
+            Backend::Tokio => Backend::Tokio,
+            Backend::Uring => match uring::probe() {
+                Ok(()) => Backend::Uring,
+                Err(why) => anyhow::bail!("io.backend = \"uring\" cannot run here: {why}; use \"tokio\" or \"auto\""),
+            },
+            Backend::Auto => match uring::probe() {
+                Ok(()) => Backend::Uring,
+                Err(why) => {
+                    tracing::warn!(reason = %why, "io backend: auto chose tokio");
+                    Backend::Tokio
+                }
+            },
         };
         let liveness = match config.liveness.mode {
             LivenessMode::Xdp => anyhow::bail!("liveness.mode = \"xdp\" is not available in this build; use \"userspace\", \"server-ping\" or \"auto\""),
@@ -98,16 +109,29 @@ impl Egress {
 
         let mut ws_addrs = Vec::new();
         let mut wss_addrs = Vec::new();
-        let acceptor = tokio_rustls::TlsAcceptor::from(identity.wss_config()?);
-        for (addrs, out, tls) in
-            [(&config.listen.ws, &mut ws_addrs, None), (&config.listen.wss, &mut wss_addrs, Some(acceptor))]
-        {
-            for addr in addrs {
-                let std =
-                    tokio_io::bind(*addr, config.listen.backlog).with_context(|| format!("cannot listen on {addr}"))?;
-                let listener = tokio::net::TcpListener::from_std(std)?;
-                out.push(listener.local_addr()?);
-                tasks.spawn(tokio_io::serve(listener, tls.clone(), shared.clone(), stop_rx.clone()));
+        let mut uring_workers = None;
+        let wss_config = identity.wss_config()?;
+        if backend == Backend::Uring {
+            let threads = match config.io.threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            let (u, ws, wss) = uring::Uring::start(shared.clone(), Some(wss_config), threads, config.io.uring_read)?;
+            ws_addrs = ws;
+            wss_addrs = wss;
+            uring_workers = Some(u);
+        } else {
+            let acceptor = tokio_rustls::TlsAcceptor::from(wss_config);
+            for (addrs, out, tls) in
+                [(&config.listen.ws, &mut ws_addrs, None), (&config.listen.wss, &mut wss_addrs, Some(acceptor))]
+            {
+                for addr in addrs {
+                    let std = tokio_io::bind(*addr, config.listen.backlog)
+                        .with_context(|| format!("cannot listen on {addr}"))?;
+                    let listener = tokio::net::TcpListener::from_std(std)?;
+                    out.push(listener.local_addr()?);
+                    tasks.spawn(tokio_io::serve(listener, tls.clone(), shared.clone(), stop_rx.clone()));
+                }
             }
         }
         let mut admin_addr = None;
@@ -121,7 +145,18 @@ impl Egress {
             admin_addr = Some(listener.local_addr()?);
             tasks.spawn(admin::serve(listener, readiness.clone()));
         }
-        Ok(Egress { ws_addrs, wss_addrs, admin_addr, fingerprint, liveness, backend, shared, stop, tasks })
+        Ok(Egress {
+            ws_addrs,
+            wss_addrs,
+            admin_addr,
+            uring: uring_workers,
+            fingerprint,
+            liveness,
+            backend,
+            shared,
+            stop,
+            tasks,
+        })
     }
 
     /// Connections held now.
@@ -132,6 +167,7 @@ impl Egress {
     /// Routes (connection, label) open now.
     pub fn routes(&self) -> usize {
         self.shared.quic.route_count()
+            + self.shared.uring_routes.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -165,6 +201,9 @@ impl Egress {
     /// Stops everything now.
     pub async fn shutdown(&mut self) {
         let _ = self.stop.send(true);
+        if let Some(mut u) = self.uring.take() {
+            tokio::task::spawn_blocking(move || u.stop()).await.ok();
+        }
         self.shared.quic.endpoint.close(0u32.into(), b"egress shutting down");
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}

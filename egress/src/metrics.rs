@@ -32,8 +32,107 @@ pub const XDP_FLOWS: &str = "broflake_xdp_flows";
 pub const XDP_MAP_CAPACITY: &str = "broflake_xdp_map_capacity";
 pub const XDP_EXPIRED: &str = "broflake_xdp_expired_total";
 
+/// Registers every series with its fixed label values at zero, so dashboards and alerts see
+/// them before the first event (the exporter omits series never touched).
+fn zero_series() {
+    use metrics::{counter, gauge};
+    for backend in ["tokio", "uring"] {
+        for state in ["handshaking", "open", "draining"] {
+            gauge!(CONNECTIONS, "backend" => backend, "state" => state).increment(0.0);
+        }
+        for listener in ["ws", "wss"] {
+            counter!(CONNECTIONS_ACCEPTED, "backend" => backend, "listener" => listener).increment(0);
+        }
+    }
+    let codes = broflake_proto::ErrorCode::ALL.iter().map(|c| c.label());
+    for reason in codes.clone().chain([
+        "normal",
+        "ws_protocol_error",
+        "text_message",
+        "message_too_big",
+        "peer_gone",
+        "write_timeout",
+        "other",
+    ]) {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(0);
+    }
+    for reason in codes {
+        counter!(REFUSALS, "reason" => reason).increment(0);
+    }
+    for reason in [
+        "over_limit",
+        "tls",
+        "timeout",
+        "bad_request",
+        "bad_path",
+        "missing_protocol",
+        "unsupported_protocol",
+        "oversized_request",
+    ] {
+        counter!(UPGRADE_REFUSALS, "reason" => reason).increment(0);
+    }
+    for result in ["accepted", "refused"] {
+        counter!(HANDSHAKES, "result" => result).increment(0);
+    }
+    for t in [
+        "padding",
+        "hello",
+        "welcome",
+        "refuse",
+        "ping",
+        "pong",
+        "goaway",
+        "error",
+        "data",
+        "route_close",
+        "unknown",
+        "invalid",
+    ] {
+        counter!(FRAMES_RECEIVED, "type" => t).increment(0);
+        counter!(FRAMES_SENT, "type" => t).increment(0);
+    }
+    for source in ["xdp", "userspace", "server-ping"] {
+        counter!(IDLE_CLOSES, "source" => source).increment(0);
+    }
+    for reason in ["route_gone", "send_queue_full", "endpoint_queue_full"] {
+        counter!(PACKETS_DROPPED, "reason" => reason).increment(0);
+    }
+    for result in [
+        "ok",
+        "policy_refused",
+        "dns_failed",
+        "connection_refused",
+        "timeout",
+        "unreachable",
+        "bad_request",
+        "internal",
+    ] {
+        counter!(PROXY_DIALS, "result" => result).increment(0);
+    }
+    for direction in ["upstream", "downstream"] {
+        counter!(PROXY_BYTES, "direction" => direction).increment(0);
+    }
+    for c in [
+        BYTES_RECEIVED,
+        BYTES_SENT,
+        SERVER_PINGS,
+        SWEEPS,
+        SWEEP_WAKEUPS,
+        QUIC_CONNECTIONS_TOTAL,
+        QUIC_STREAMS,
+        QUIC_MIGRATIONS,
+        XDP_EXPIRED,
+    ] {
+        counter!(c).increment(0);
+    }
+    for g in [ROUTES, QUIC_CONNECTIONS, DRAINING, XDP_FLOWS, XDP_MAP_CAPACITY, OPEN_FDS, MAX_FDS] {
+        gauge!(g).increment(0.0);
+    }
+}
+
 /// Describes every metric once, at start-up (HELP text in the exposition).
 pub fn describe() {
+    zero_series();
     use metrics::{describe_counter, describe_gauge};
     describe_gauge!(CONNECTIONS, "WebSocket connections held now, by backend and state.");
     describe_counter!(CONNECTIONS_ACCEPTED, "TCP connections accepted, by backend and listener kind.");

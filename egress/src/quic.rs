@@ -21,10 +21,108 @@ struct Target {
 #[derive(Debug, Default)]
 struct Routes {
     map: Mutex<HashMap<u64, Target>>,
+    /// Inboxes of the io_uring worker threads (index = thread number).
+    uring: std::sync::OnceLock<Vec<Arc<Inbox>>>,
+}
+
+/// Route ids of io_uring connections carry their address: no per-route state at all.
+/// Layout: `1 | thread (5) | slot (22) | generation (8) | label (28)`.
+pub mod uring_route {
+    pub const MAX_THREADS: usize = 32;
+    pub const MAX_SLOTS: u32 = 1 << 22;
+    pub const MAX_LABEL: u64 = (1 << 28) - 1;
+
+    pub fn encode(thread: u8, slot: u32, gen: u8, label: u64) -> u64 {
+        debug_assert!((thread as usize) < MAX_THREADS && slot < MAX_SLOTS && label <= MAX_LABEL);
+        (1 << 63) | (u64::from(thread) << 58) | (u64::from(slot) << 36) | (u64::from(gen) << 28) | label
+    }
+
+    /// (thread, slot, generation, label) of an encoded id.
+    pub fn decode(id: u64) -> Option<(u8, u32, u8, u64)> {
+        (id >> 63 == 1).then_some((
+            ((id >> 58) & 0x1f) as u8,
+            ((id >> 36) as u32) & (MAX_SLOTS - 1),
+            (id >> 28) as u8,
+            id & MAX_LABEL,
+        ))
+    }
+}
+
+/// DATA frames from the QUIC endpoint to one io_uring worker: one byte arena and an index,
+/// swapped out whole by the worker, so queuing a packet allocates nothing (amortised).
+#[derive(Debug)]
+pub struct Inbox {
+    queue: Mutex<OutQueue>,
+    /// eventfd the worker's ring reads; written when the queue becomes non-empty.
+    pub efd: i32,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+/// Queued frames: `bytes[start..end]` is one encoded DATA frame for (slot, generation).
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    pub bytes: Vec<u8>,
+    pub items: Vec<(u32, u8, u32, u32)>,
+}
+
+/// Per-worker cap on queued bytes; beyond it packets are dropped (QUIC backs off).
+const INBOX_LIMIT: usize = 8 << 20;
+
+impl Inbox {
+    pub fn new() -> std::io::Result<Arc<Inbox>> {
+        // SAFETY: plain eventfd creation; the fd is owned by the Inbox.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arc::new(Inbox { queue: Mutex::new(OutQueue::default()), efd, armed: Default::default() }))
+    }
+
+    fn push(&self, slot: u32, gen: u8, label: u64, packet: &[u8]) -> bool {
+        {
+            let mut q = self.queue.lock().expect("inbox poisoned");
+            if q.bytes.len() > INBOX_LIMIT {
+                return false;
+            }
+            let start = q.bytes.len() as u32;
+            broflake_proto::frame::encode_data(label, packet, &mut q.bytes);
+            let end = q.bytes.len() as u32;
+            q.items.push((slot, gen, start, end));
+        }
+        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.efd, (&one as *const u64).cast(), 8) };
+        }
+        true
+    }
+
+    /// Takes everything queued, leaving `spare` (cleared) in its place.
+    pub fn take(&self, spare: &mut OutQueue) {
+        spare.bytes.clear();
+        spare.items.clear();
+        self.armed.store(false, std::sync::atomic::Ordering::Release);
+        let mut q = self.queue.lock().expect("inbox poisoned");
+        std::mem::swap(&mut *q, spare);
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        // SAFETY: closing the eventfd this Inbox created.
+        unsafe { libc::close(self.efd) };
+    }
 }
 
 impl PacketSink for Routes {
     fn send(&self, destination: SocketAddr, packet: &[u8]) {
+        if let Some((thread, slot, gen, label)) = route_id(destination).and_then(uring_route::decode) {
+            let inbox = self.uring.get().and_then(|v| v.get(thread as usize));
+            if !inbox.is_some_and(|i| i.push(slot, gen, label, packet)) {
+                metrics::counter!(m::PACKETS_DROPPED, "reason" => "send_queue_full").increment(1);
+            }
+            return;
+        }
         let target = route_id(destination).and_then(|id| self.map.lock().expect("routes poisoned").get(&id).cloned());
         let Some(target) = target else {
             metrics::counter!(m::PACKETS_DROPPED, "reason" => "route_gone").increment(1);
@@ -82,6 +180,11 @@ impl QuicBridge {
         if !self.inbound.deliver(route_addr(id), packet) {
             metrics::counter!(m::PACKETS_DROPPED, "reason" => "endpoint_queue_full").increment(1);
         }
+    }
+
+    /// Registers the io_uring workers' inboxes (once, at start-up).
+    pub fn set_uring_inboxes(&self, inboxes: Vec<Arc<Inbox>>) {
+        let _ = self.routes.uring.set(inboxes);
     }
 
     pub fn route_count(&self) -> usize {

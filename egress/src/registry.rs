@@ -7,7 +7,7 @@
 //! therefore own no timer, and the number of wake-ups a second does not grow with the
 //! number of connections that are alive and pinging.
 
-use broflake_proto::{ErrorCode, SessionId, Timestamp};
+use broflake_proto::{ErrorCode, Timestamp};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -58,9 +58,6 @@ pub enum Admission {
 #[derive(Debug, Default)]
 struct Inner {
     conns: HashMap<u64, Arc<ConnHandle>>,
-    /// Accepted sessions by id, and back (a draining server admits their resumptions).
-    sessions: HashMap<SessionId, u64>,
-    session_of: HashMap<u64, SessionId>,
     per_ip: HashMap<IpAddr, u32>,
     next_id: u64,
 }
@@ -106,10 +103,15 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Registers a new connection and decides its admission.
-    pub fn register(self: &Arc<Self>, peer: SocketAddr) -> Result<Registration, &'static str> {
+    /// Counts a new connection from `peer` and decides its admission, without tracking a
+    /// handle (the io_uring backend keeps its own connection table). Pair with [`Registry::release`].
+    pub fn admit(&self, peer: SocketAddr) -> Result<Admission, &'static str> {
         let mut inner = self.inner.lock().expect("registry poisoned");
-        let total = inner.conns.len();
+        self.admit_locked(&mut inner, peer)
+    }
+
+    fn admit_locked(&self, inner: &mut Inner, peer: SocketAddr) -> Result<Admission, &'static str> {
+        let total = self.count.load(Ordering::Relaxed);
         let from_ip = inner.per_ip.get(&peer.ip()).copied().unwrap_or(0);
         // Up to the limit: admitted. Above it, some head-room is spent on telling clients
         // why (in-band refusal); beyond that the TCP connection is dropped at once.
@@ -136,41 +138,44 @@ impl Registry {
         } else {
             Admission::Admit
         };
+        *inner.per_ip.entry(peer.ip()).or_insert(0) += 1;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(admission)
+    }
+
+    /// Forgets a connection counted by [`Registry::admit`].
+    pub fn release(&self, ip: IpAddr) {
+        let mut inner = self.inner.lock().expect("registry poisoned");
+        Self::release_locked(&mut inner, ip);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn release_locked(inner: &mut Inner, ip: IpAddr) {
+        if let Some(n) = inner.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                inner.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Registers a new connection with a handle (tokio backend) and decides its admission.
+    pub fn register(self: &Arc<Self>, peer: SocketAddr) -> Result<Registration, &'static str> {
+        let mut inner = self.inner.lock().expect("registry poisoned");
+        let admission = self.admit_locked(&mut inner, peer)?;
         inner.next_id += 1;
         let id = inner.next_id;
         let handle = Arc::new(ConnHandle { id, peer, deadline: AtomicU64::new(NEVER), wake: Notify::new() });
         inner.conns.insert(id, handle.clone());
-        *inner.per_ip.entry(peer.ip()).or_insert(0) += 1;
-        self.count.store(inner.conns.len(), Ordering::Relaxed);
         Ok(Registration { registry: self.clone(), handle, admission })
     }
 
     fn unregister(&self, handle: &ConnHandle) {
         let mut inner = self.inner.lock().expect("registry poisoned");
-        if let Some(sid) = inner.session_of.remove(&handle.id) {
-            inner.sessions.remove(&sid);
-        }
         if inner.conns.remove(&handle.id).is_some() {
-            if let Some(n) = inner.per_ip.get_mut(&handle.peer.ip()) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.per_ip.remove(&handle.peer.ip());
-                }
-            }
+            Self::release_locked(&mut inner, handle.peer.ip());
+            self.count.fetch_sub(1, Ordering::Relaxed);
         }
-        self.count.store(inner.conns.len(), Ordering::Relaxed);
-    }
-
-    /// Records the session id a connection was given.
-    pub fn set_session(&self, conn: u64, id: SessionId) {
-        let mut inner = self.inner.lock().expect("registry poisoned");
-        inner.sessions.insert(id, conn);
-        inner.session_of.insert(conn, id);
-    }
-
-    /// Whether a session with this id is live here.
-    pub fn has_session(&self, id: SessionId) -> bool {
-        !id.is_none() && self.inner.lock().expect("registry poisoned").sessions.contains_key(&id)
     }
 
     /// Wakes every connection whose deadline is at or before `now`; returns how many.

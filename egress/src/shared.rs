@@ -25,6 +25,8 @@ pub struct Shared {
     /// Idle timeouts are enforced by the kernel (xdp mode): user space keeps no idle deadline.
     pub kernel_liveness: bool,
     pub stats: Arc<Stats>,
+    /// Routes open on io_uring connections (the tokio backend's are in the QUIC bridge).
+    pub uring_routes: std::sync::atomic::AtomicI64,
     ids: AtomicU64,
     seed: std::collections::hash_map::RandomState,
 }
@@ -43,6 +45,7 @@ impl Shared {
             drain_deadline: AtomicU64::new(0),
             kernel_liveness,
             stats: Arc::new(Stats::default()),
+            uring_routes: std::sync::atomic::AtomicI64::new(0),
             ids: AtomicU64::new(0),
             seed: std::collections::hash_map::RandomState::new(),
         }
@@ -52,23 +55,27 @@ impl Shared {
         self.clock.at(std::time::Instant::now())
     }
 
-    /// A fresh session id: unique in this process, unpredictable across processes. It only
-    /// names sessions in logs (no authority hangs on it), so keyed SipHash is enough.
+    /// A fresh session id: a sequence number and a keyed MAC of it. Unique in this process
+    /// and unforgeable from outside, so a draining egress can recognise its own sessions'
+    /// ids in `previous_session` without storing them ([`Shared::issued_here`]).
     pub fn session_id(&self) -> SessionId {
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        let half = |salt: u64| {
-            let mut h = self.seed.build_hasher();
-            h.write_u64(n);
-            h.write_u64(salt);
-            h.write_u128(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
-            );
-            h.finish()
-        };
+        let n = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
         let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&half(1).to_be_bytes());
-        id[8..].copy_from_slice(&half(2).to_be_bytes());
+        id[..8].copy_from_slice(&n.to_be_bytes());
+        id[8..].copy_from_slice(&self.mac(n).to_be_bytes());
         SessionId(id)
+    }
+
+    /// Whether `id` is a session id this process handed out.
+    pub fn issued_here(&self, id: SessionId) -> bool {
+        let n = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
+        n != 0 && u64::from_be_bytes(id.0[8..].try_into().expect("8 bytes")) == self.mac(n)
+    }
+
+    fn mac(&self, n: u64) -> u64 {
+        let mut h = self.seed.build_hasher();
+        h.write_u64(n);
+        h.finish()
     }
 }
 
@@ -85,6 +92,9 @@ pub struct Stats {
     pub quic_connections: AtomicU64,
     /// Connections a draining egress admitted so clients could move their routes.
     pub resumptions: AtomicU64,
+    /// Per-connection deadline checks made by user space (the io_uring wheel); in xdp mode it
+    /// stays at zero for idle, client-pinging connections.
+    pub userspace_liveness_checks: AtomicU64,
     pub proxy_refusals: AtomicU64,
 }
 

@@ -355,7 +355,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     fn on_hello(&mut self, hello: broflake_proto::frame::Hello<'_>, version: u64) -> Result<(), WsClose> {
         let draining = *self.shared.drain.borrow();
-        let resuming = draining && self.shared.conns.has_session(hello.previous_session);
+        let resuming = draining && self.shared.issued_here(hello.previous_session);
         let refusal = match &self.reg.admission {
             Admission::Refuse { code, retry_after_ms, reason } => Some((*code, *retry_after_ms, reason.clone())),
             _ if draining && !resuming => Some((ErrorCode::DRAINING, 5_000, "server is draining".to_string())),
@@ -384,7 +384,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             previous = %hello.previous_session, user_agent = hello.extensions.user_agent().unwrap_or(""),
             "handshake accepted"
         );
-        self.shared.conns.set_session(self.reg.handle.id, id);
         self.set_state(if resuming { "draining" } else { "open" });
         Ok(())
     }

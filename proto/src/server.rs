@@ -223,10 +223,17 @@ impl ServerSession {
 
     /// The earliest time [`ServerSession::on_timeout`] has work to do.
     pub fn next_timeout(&self, cfg: &ServerConfig) -> Option<Timestamp> {
+        self.next_timeout_with(cfg, true)
+    }
+
+    /// As [`ServerSession::next_timeout`]; with `idle == false` the idle timeout of an open
+    /// session is left out (something else, such as the kernel, enforces it). Handshake,
+    /// server-ping and drain deadlines always count.
+    pub fn next_timeout_with(&self, cfg: &ServerConfig, idle: bool) -> Option<Timestamp> {
         if self.state == State::Closed {
             return None;
         }
-        let mut t = self.idle_deadline(cfg);
+        let mut t = if idle || !self.is_open() { self.idle_deadline(cfg) } else { Timestamp(u64::MAX) };
         if self.server_pings && !self.ping_outstanding {
             t = t.min(self.last_ping_tx + cfg.keepalive_ms);
         }
@@ -236,7 +243,7 @@ impl ServerSession {
         if self.close_at != Timestamp::ZERO {
             t = t.min(self.close_at);
         }
-        Some(t)
+        (t != Timestamp(u64::MAX)).then_some(t)
     }
 
     /// Records that bytes arrived (used by I/O layers that see traffic the session does not

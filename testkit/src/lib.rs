@@ -52,7 +52,7 @@ pub fn egress_config(backend: Backend) -> Config {
 
 /// The backends end-to-end tests run against.
 pub fn backends() -> Vec<Backend> {
-    vec![Backend::Tokio]
+    vec![Backend::Tokio, Backend::Uring]
 }
 
 /// Deterministic pseudo-random body bytes (xorshift), so both ends can check them.

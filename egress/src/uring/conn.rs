@@ -1,0 +1,91 @@
+//! Per-connection state of the io_uring backend, kept small: everything a connection needs
+//! only sometimes (a partial frame, queued output, TLS, a pending refusal) lives behind an
+//! `Option<Box<…>>` that is `None` while the connection is idle.
+
+use crate::wscodec::WsRx;
+use broflake_proto::{ErrorCode, ServerSession};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Free,
+    /// Reading the HTTP upgrade request.
+    Upgrading,
+    /// WebSocket open, Broflake session running.
+    Open,
+    /// Flushing what is queued, then closing.
+    Closing,
+    /// Socket closed; waiting for in-flight operations to complete before reuse.
+    Zombie,
+}
+
+/// Flag bits.
+pub const F_READ_ARMED: u8 = 1;
+pub const F_SEND_INFLIGHT: u8 = 2;
+pub const F_TLS: u8 = 4;
+/// Counted in the per-thread route total (the session has routes).
+pub const F_ROUTED: u8 = 8;
+
+/// What is waiting to be sent.
+#[derive(Debug, Default)]
+pub struct TxQueue {
+    /// Bytes handed to the kernel (must stay put until the send completes).
+    pub inflight: Vec<u8>,
+    pub offset: usize,
+    /// Bytes queued behind them.
+    pub pending: Vec<u8>,
+    /// When output started waiting (write timeout), in Timestamp ms.
+    pub since: u64,
+}
+
+/// Rarely needed parts.
+#[derive(Debug, Default)]
+pub struct Ext {
+    pub tls: Option<rustls::ServerConnection>,
+    /// Bytes of the upgrade request so far.
+    pub request: Vec<u8>,
+    /// A refusal decided at accept time, sent in-band after HELLO.
+    pub refusal: Option<(ErrorCode, u64, String)>,
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    pub fd: i32,
+    pub gen: u8,
+    pub state: State,
+    pub flags: u8,
+    /// Operations submitted and not yet finally completed.
+    pub ops: u8,
+    /// Index of the peer's address in the worker's address table.
+    pub ip: u32,
+    /// Wheel tick this connection is filed at, or `wheel::NOT_FILED`.
+    pub filed: u32,
+    pub session: ServerSession,
+    pub rx: Option<Box<WsRx>>,
+    pub tx: Option<Box<TxQueue>>,
+    pub ext: Option<Box<Ext>>,
+}
+
+impl Conn {
+    pub fn empty() -> Self {
+        Conn {
+            fd: -1,
+            gen: 0,
+            state: State::Free,
+            flags: 0,
+            ops: 0,
+            ip: 0,
+            filed: super::wheel::NOT_FILED,
+            session: ServerSession::new(broflake_proto::Timestamp::ZERO),
+            rx: None,
+            tx: None,
+            ext: None,
+        }
+    }
+}
+
+/// Bytes of per-connection state in the worker's table (what an idle connection costs in
+/// user space, besides its share of the worker's fixed buffers).
+pub const fn size_of_conn() -> usize {
+    std::mem::size_of::<Conn>()
+}
