@@ -15,6 +15,8 @@ import {
   fromHex,
   closeCodeFor,
   Code,
+  encodeData,
+  dataFrameSize,
 } from '../broflake.js';
 
 const vectorsPath = fileURLToPath(new URL('../../proto/vectors/v1.json', import.meta.url));
@@ -136,4 +138,15 @@ test('UTF-8 BOM is kept, not stripped', () => {
   const reason = '\ufeffhi';
   const [f] = decodeMessage(encodeFrame({ type: 'error', code: 3, reason }));
   assert.equal(f.reason, reason);
+});
+
+test('the DATA fast path encodes exactly like the generic encoder', () => {
+  for (const label of [0, 63, 64, 16383, 16384, 2 ** 30, Number.MAX_SAFE_INTEGER, (1n << 62n) - 1n]) {
+    for (const n of [1, 63, 64, 1350, 16370]) {
+      const packet = Uint8Array.from({ length: n }, (_, i) => i & 0xff);
+      const fast = encodeData(label, packet);
+      assert.deepEqual(fast, encodeFrame({ type: 'data', label, packet }));
+      assert.equal(fast.length, dataFrameSize(label, n));
+    }
+  }
 });

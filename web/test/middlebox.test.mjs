@@ -135,6 +135,47 @@ describe('relay pool behind a middlebox that black-holes flows idle for T', () =
     await page.close();
   });
 
+  // Opt-in (over a minute): why the timers live in a Worker. Chromium throttles a hidden
+  // page's chained main-thread timers to about one wake-up per minute after a while, so a
+  // pool whose keepalive runs on the main thread goes silent and is cut; the Worker one is not.
+  const LONG_S = Number(process.env.BROFLAKE_LONG_SECONDS || 0);
+  test(
+    'long: hidden for minutes, Worker timers keep the pool up while main-thread timers get it cut',
+    { skip: LONG_S > 0 ? false : 'set BROFLAKE_LONG_SECONDS (e.g. 120) to run' },
+    async (t) => {
+      const mbMain = await startMiddlebox({ upstream: `127.0.0.1:${egress.port}`, idleMs: T });
+      const mbWorker = await startMiddlebox({ upstream: `127.0.0.1:${egress.port}`, idleMs: T });
+      const url = (m, x) => `${web.url}/index.html?egress=${encodeURIComponent(`ws://127.0.0.1:${m.port}/broflake`)}&pool=3${x}`;
+      const pw = await browser.newPage();
+      await pw.goto(url(mbWorker, ''));
+      const pm = await browser.newPage();
+      await pm.goto(url(mbMain, '&timers=main'));
+      for (const p of [pw, pm]) await p.waitForFunction(() => window.broflake?.snapshot().open === 3, null, { timeout: 15000 });
+      await hide(pw);
+      await pm.waitForFunction(() => document.visibilityState === 'hidden', null, { timeout: 5000 });
+      const t0 = Date.now();
+      while (Date.now() - t0 < LONG_S * 1000) {
+        const w = await pw.evaluate(() => ({ s: window.broflake.snapshot(), v: document.visibilityState }));
+        assert.equal(w.v, 'hidden');
+        assert.equal(w.s.stats.reconnects, 0, `worker pool reconnected after ${Date.now() - t0} ms hidden`);
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+      const w = await pw.evaluate(() => window.broflake.snapshot());
+      const m = await pm.evaluate(() => window.broflake.snapshot());
+      assert.equal(w.timers, 'worker');
+      assert.equal(m.timers, 'main');
+      assert.equal(mbWorker.stats.blackholed, 0);
+      assert.ok(mbMain.stats.blackholed > 0, 'main-thread keepalive fell silent long enough to be cut');
+      t.diagnostic(`hidden ${LONG_S} s: worker pool reconnects ${w.stats.reconnects}, pongs ${w.stats.pongs}; main-thread pool black-holed ${mbMain.stats.blackholed}, dead ${m.stats.deadLinks}, reconnects ${m.stats.reconnects}`);
+      for (const p of [pw, pm]) {
+        await p.evaluate(() => window.broflake.stop());
+        await p.close();
+      }
+      await mbMain.close();
+      await mbWorker.close();
+    },
+  );
+
   test('without PING (ping:false) the same pool is cut by the middlebox and reconnects', async (t) => {
     const blackholedBefore = mb.stats.blackholed;
     const page = await browser.newPage();

@@ -89,3 +89,44 @@ impl Conn {
 pub const fn size_of_conn() -> usize {
     std::mem::size_of::<Conn>()
 }
+
+/// Connections in fixed-size chunks: growing never copies (or transiently doubles) the
+/// table, so memory follows the number of connections in 1024-entry steps.
+#[derive(Debug, Default)]
+pub struct Slab {
+    chunks: Vec<Vec<Conn>>,
+    len: usize,
+}
+
+const CHUNK: usize = 1024;
+
+impl Slab {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn push(&mut self, c: Conn) {
+        if self.chunks.last().is_none_or(|ch| ch.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        self.chunks.last_mut().expect("a chunk").push(c);
+        self.len += 1;
+    }
+
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut Conn> {
+        self.chunks.get_mut(i / CHUNK).and_then(|ch| ch.get_mut(i % CHUNK))
+    }
+}
+
+impl std::ops::Index<usize> for Slab {
+    type Output = Conn;
+    fn index(&self, i: usize) -> &Conn {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slab {
+    fn index_mut(&mut self, i: usize) -> &mut Conn {
+        &mut self.chunks[i / CHUNK][i % CHUNK]
+    }
+}

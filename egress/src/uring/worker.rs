@@ -1,7 +1,7 @@
 //! One io_uring worker thread: its ring, listeners, connection table, timer wheel.
 
 use super::bufring::BufRing;
-use super::conn::{Conn, Ext, State, TxQueue, F_READ_ARMED, F_ROUTED, F_SEND_INFLIGHT, F_TLS};
+use super::conn::{Conn, Ext, Slab, State, TxQueue, F_READ_ARMED, F_ROUTED, F_SEND_INFLIGHT, F_TLS};
 use super::wheel::{Wheel, NOT_FILED};
 use super::ReadMode;
 use crate::metrics as m;
@@ -35,6 +35,8 @@ fn ud_parts(u: u64) -> (u64, u8, u32) {
 
 /// Queued output beyond which QUIC packets for a connection are dropped (slow reader).
 const MAX_PENDING: usize = 256 * 1024;
+/// Queued output beyond which the peer is dropped: it is not reading what it asks for.
+const MAX_PENDING_HARD: usize = 1024 * 1024;
 const BUFRING_GROUP: u16 = 7;
 
 /// Interned peer addresses (for per-IP accounting without storing an address per connection).
@@ -95,7 +97,7 @@ pub struct Worker {
     inbox: Arc<Inbox>,
     stop: Arc<AtomicBool>,
     mode: ReadMode,
-    conns: Vec<Conn>,
+    conns: Slab,
     free: Vec<u32>,
     scratch: Vec<u8>,
     plain: Vec<u8>,
@@ -166,7 +168,7 @@ impl Worker {
             inbox,
             stop,
             mode,
-            conns: Vec::new(),
+            conns: Slab::default(),
             free: Vec::new(),
             scratch: vec![0u8; 64 * 1024],
             plain: vec![0u8; 64 * 1024],
@@ -658,6 +660,11 @@ impl Worker {
         }
         if q.pending.is_empty() && q.inflight.is_empty() {
             c.tx = None;
+            return;
+        }
+        if q.pending.len() > MAX_PENDING_HARD {
+            tracing::debug!(thread = self.thread, "peer does not read its replies; dropping it");
+            self.drop_conn(idx, "write_timeout");
             return;
         }
         self.flush(idx);

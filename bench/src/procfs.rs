@@ -1,0 +1,61 @@
+//! Measurements of another process from /proc.
+
+/// Resident set size of `pid` in bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// Proportional set size of `pid` in bytes (smaps_rollup Pss).
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// User + system CPU seconds `pid` has used (all threads).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz)
+}
+
+/// Voluntary + involuntary context switches of every thread of `pid` (a proxy for wakeups).
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?;
+        let s = std::fs::read_to_string(t.path().join("status")).ok()?;
+        for l in s.lines() {
+            if l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:") {
+                total += l.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
+}
+
+/// Open file descriptors of `pid`.
+pub fn fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// Bytes held in slab caches (active objects × object size), per cache. Kernel memory of
+/// sockets shows up here (TCP, sock_inode_cache, dentry, …).
+pub fn slab() -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(s) = std::fs::read_to_string("/proc/slabinfo") {
+        for l in s.lines().skip(2) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() > 3 {
+                if let (Ok(active), Ok(size)) = (f[1].parse::<u64>(), f[3].parse::<u64>()) {
+                    out.insert(f[0].to_string(), active * size);
+                }
+            }
+        }
+    }
+    out
+}

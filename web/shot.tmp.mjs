@@ -1,0 +1,15 @@
+import { startEgress, startStatic, launchBrowser, waitForLine, BROFLAKE_BIN } from './test/helpers.mjs';
+import { startBridge } from './bridge.mjs';
+import { spawn, execFileSync } from 'node:child_process';
+const eg = await startEgress({ config: '[liveness]\nkeepalive = "1s"\nidle_timeout = "3s"\n' });
+const br = await startBridge(); const web = await startStatic(); const b = await launchBrowser();
+const p = await b.newPage(); await p.setViewportSize({ width: 1100, height: 620 });
+await p.goto(`${web.url}/?egress=${encodeURIComponent(eg.url)}&pool=3&bridge=${encodeURIComponent(br.url)}`);
+await p.waitForFunction(() => window.broflake?.snapshot().open === 3);
+const c = spawn(BROFLAKE_BIN, ['consumer', '--relay', `${br.url}/consumer`, '--egress-cert-sha256', eg.certSha256, '--socks', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
+const [, port] = await waitForLine(c.stderr, /socks5 listening on 127\.0\.0\.1:([0-9]+)/, 30000, 'consumer', c);
+const files = (await import('node:http')).createServer((q, r) => r.end(Buffer.alloc(1 << 20, 7))); await new Promise(r => files.listen(0, '127.0.0.1', r));
+execFileSync('curl', ['-s', '-o', '/dev/null', '--socks5-hostname', `127.0.0.1:${port}`, `http://127.0.0.1:${files.address().port}/`]);
+await new Promise(r => setTimeout(r, 2500));
+await p.screenshot({ path: '/tmp/demo.png' });
+c.kill('SIGKILL'); files.close(); await b.close(); await web.close(); await br.close(); await eg.stop();
