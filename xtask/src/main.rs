@@ -90,6 +90,8 @@ fn test(fuzz_seconds: u64) -> Result<()> {
     sh(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     sh(cargo().args(["test", "--workspace", "--doc"]))?;
+    // Deployment material: unit, sysctl, rules (+ rule unit tests), dashboards, manifests.
+    sh(Command::new("bash").arg("deploy/tests/check.sh").env("EGRESS_BIN", "target/debug/egress"))?;
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds, &[])?;
     }
