@@ -241,7 +241,8 @@ impl ClientSession {
 
     fn schedule_ping(&mut self, cfg: &ClientConfig, now: Timestamp) {
         let interval = self.negotiated.map_or(20_000, |n| n.keepalive_ms);
-        let span = interval * u64::from(cfg.ping_jitter_permille.min(999)) / 1000;
+        // Server-chosen values are hostile input: no arithmetic on them may overflow.
+        let span = interval / 1000 * u64::from(cfg.ping_jitter_permille.min(999));
         let cut = if span == 0 { 0 } else { self.rng.below(span) };
         self.next_ping_at = now + (interval - cut);
     }
@@ -325,7 +326,7 @@ impl ClientSession {
             return None;
         }
         let n = self.negotiated?;
-        Some(self.last_rx + (n.idle_timeout_ms + n.keepalive_ms))
+        Some(self.last_rx + n.idle_timeout_ms.saturating_add(n.keepalive_ms))
     }
 
     fn send_ping(&mut self, now: Timestamp, tx: &mut Vec<u8>) {

@@ -835,3 +835,29 @@ fn a_client_that_does_not_ping_detects_a_dead_link_by_the_receive_timeout() {
     assert!(c.reason.starts_with("receive timeout"), "{c}");
     assert_eq!(p.client_closed_at.unwrap().since(t0), 80_000, "client: idle timeout + one keepalive");
 }
+
+#[test]
+fn hostile_welcome_values_do_not_overflow_the_client() {
+    // Found by fuzzing: a server announcing a huge keepalive made the jitter arithmetic
+    // overflow. Every value from the wire must be safe to compute with.
+    let ccfg = ClientConfig::default();
+    let mut c = ClientSession::new(7);
+    let mut tx = Vec::new();
+    c.start(&ccfg, Timestamp(0), &mut tx);
+    let mut msg = Vec::new();
+    Frame::Welcome(broflake_proto::frame::Welcome {
+        version: 1,
+        session_id: SessionId([1; 16]),
+        capabilities: Capabilities(Capabilities::PING),
+        keepalive_ms: broflake_proto::varint::MAX / 2,
+        idle_timeout_ms: broflake_proto::varint::MAX,
+        max_frame_size: broflake_proto::varint::MAX,
+        max_routes: broflake_proto::varint::MAX,
+        extensions: broflake_proto::frame::Extensions::EMPTY,
+    })
+    .encode(0, &mut msg);
+    c.handle_message(&ccfg, Timestamp(1), &msg, &mut tx, |_, _, _| Ok(())).unwrap();
+    let t = c.poll_timeout(&ccfg).unwrap();
+    assert!(t.as_millis() > 1 << 40);
+    c.handle_timeout(&ccfg, Timestamp(u64::MAX - 1), &mut tx).unwrap();
+}
