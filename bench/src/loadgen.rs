@@ -24,6 +24,8 @@ pub struct LoadConfig {
     pub announce_ping: bool,
     /// Connections being opened at once.
     pub ramp_parallelism: usize,
+    /// Plain TCP only: connect and hold, no WebSocket (the `floor` row).
+    pub tcp_only: bool,
 }
 
 impl LoadConfig {
@@ -35,6 +37,7 @@ impl LoadConfig {
             ping_interval: None,
             announce_ping: true,
             ramp_parallelism: 256,
+            tcp_only: false,
         }
     }
 }
@@ -50,6 +53,8 @@ pub struct LoadStats {
     pub pongs: AtomicU64,
     /// PING → PONG round trips, microseconds.
     pub rtt_us: Mutex<Histogram<u64>>,
+    /// Milliseconds from handshake to the server's close, for connections it closed.
+    pub close_after_ms: Mutex<Histogram<u64>>,
 }
 
 impl Default for LoadStats {
@@ -61,6 +66,7 @@ impl Default for LoadStats {
             pings: AtomicU64::new(0),
             pongs: AtomicU64::new(0),
             rtt_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
+            close_after_ms: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3).expect("histogram bounds")),
         }
     }
 }
@@ -167,7 +173,9 @@ async fn one(
         sock.bind(SocketAddr::from((src, 0)))?;
         let mut s = sock.connect(cfg.target).await?;
         s.set_nodelay(true)?;
-        s.write_all(&opening).await?;
+        if !cfg.tcp_only {
+            s.write_all(&opening).await?;
+        }
         std::io::Result::Ok(s)
     };
     let mut s = match tokio::time::timeout(Duration::from_secs(30), connect).await {
@@ -178,12 +186,21 @@ async fn one(
         }
     };
     let mut buf = Vec::with_capacity(256);
+    if cfg.tcp_only {
+        stats.handshaked.fetch_add(1, Ordering::Relaxed);
+        drop(permit);
+        let mut one = [0u8; 1];
+        let _ = s.read(&mut one).await;
+        stats.closed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     if read_until(&mut s, &mut buf, true, broflake_proto::frame::types::WELCOME).await.is_none() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
         return;
     }
     buf.shrink_to(64);
     stats.handshaked.fetch_add(1, Ordering::Relaxed);
+    let handshaked_at = Instant::now();
     drop(permit);
     match cfg.ping_interval {
         None => {
@@ -227,6 +244,8 @@ async fn one(
         }
     }
     stats.closed.fetch_add(1, Ordering::Relaxed);
+    let ms = handshaked_at.elapsed().as_millis() as u64;
+    let _ = stats.close_after_ms.lock().expect("poisoned").record(ms.max(1));
 }
 
 impl Load {

@@ -55,21 +55,22 @@ impl Shared {
         self.clock.at(std::time::Instant::now())
     }
 
-    /// A fresh session id: a sequence number and a keyed MAC of it. Unique in this process
-    /// and unforgeable from outside, so a draining egress can recognise its own sessions'
-    /// ids in `previous_session` without storing them ([`Shared::issued_here`]).
+    /// A fresh session id: 16 bytes that look random (a keyed PRF of a counter, then a keyed
+    /// MAC of that), so ids reveal nothing, yet a draining egress can recognise its own in
+    /// `previous_session` without storing them ([`Shared::issued_here`]).
     pub fn session_id(&self) -> SessionId {
         let n = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let head = self.mac(n ^ 0x5eed_0f5e_5510_0001);
         let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&n.to_be_bytes());
-        id[8..].copy_from_slice(&self.mac(n).to_be_bytes());
+        id[..8].copy_from_slice(&head.to_be_bytes());
+        id[8..].copy_from_slice(&self.mac(head).to_be_bytes());
         SessionId(id)
     }
 
     /// Whether `id` is a session id this process handed out.
     pub fn issued_here(&self, id: SessionId) -> bool {
-        let n = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
-        n != 0 && u64::from_be_bytes(id.0[8..].try_into().expect("8 bytes")) == self.mac(n)
+        let head = u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"));
+        !id.is_none() && u64::from_be_bytes(id.0[8..].try_into().expect("8 bytes")) == self.mac(head)
     }
 
     fn mac(&self, n: u64) -> u64 {

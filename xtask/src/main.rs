@@ -34,6 +34,11 @@ enum Cmd {
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
+    /// Run the side-by-side benchmark (quick: N ≤ 2,000, a few minutes; --full: N up to 19,000).
+    Bench {
+        #[arg(long)]
+        full: bool,
+    },
     /// Build and run the egress with its embedded defaults (extra arguments go to the egress).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -53,6 +58,7 @@ fn main() -> Result<()> {
             fuzz(seconds, &targets)
         }
         Cmd::Run { args } => run(&args),
+        Cmd::Bench { full } => bench(full),
     }
 }
 
@@ -126,6 +132,29 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+fn bench(full: bool) -> Result<()> {
+    setup::apt(&[("curl", "curl")])?;
+    sh(cargo().args(["build", "--release", "-p", "broflake-egress", "-p", "broflake-client", "-p", "bench", "--bins"]))?;
+    let mut args: Vec<String> = vec!["target/release/bench".into(), "run".into()];
+    if full {
+        args.push("--full".into());
+    }
+    // In a network namespace of its own: the XDP row attaches to that namespace's loopback,
+    // never to the host's interfaces.
+    let ns = "broflake-bench";
+    let in_ns = Command::new("ip").args(["netns", "add", ns]).status().is_ok_and(|s| s.success())
+        || Command::new("ip").args(["netns", "exec", ns, "true"]).status().is_ok_and(|s| s.success());
+    if in_ns {
+        sh(Command::new("ip").args(["netns", "exec", ns, "ip", "link", "set", "lo", "up"]))?;
+        let r = sh(Command::new("ip").args(["netns", "exec", ns]).args(&args));
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        r
+    } else {
+        eprintln!("xtask bench: cannot create a network namespace (not root?); running without the XDP row");
+        sh(Command::new(&args[0]).args(&args[1..]))
+    }
 }
 
 fn run(args: &[String]) -> Result<()> {

@@ -24,6 +24,9 @@ struct Args {
     /// Seconds to hold after the handshakes (then exit); 0 = until killed.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// Plain TCP connections (no WebSocket), for the floor row.
+    #[arg(long)]
+    tcp_only: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -33,6 +36,7 @@ async fn main() {
     cfg.sources = (0..40).map(|i| std::net::Ipv4Addr::new(127, 0, a.source_base, 1 + i)).collect();
     cfg.ping_interval = (a.ping_ms > 0).then(|| Duration::from_millis(a.ping_ms));
     cfg.announce_ping = !a.no_announce_ping;
+    cfg.tcp_only = a.tcp_only;
     let load = Load::start(cfg);
     let ok = load.wait_handshaked(a.conns as u64, Duration::from_secs(300)).await;
     let s = &load.stats;
@@ -45,12 +49,14 @@ async fn main() {
     let hold = if a.hold_secs == 0 { Duration::from_secs(u64::MAX / 4) } else { Duration::from_secs(a.hold_secs) };
     tokio::time::sleep(hold).await;
     let h = s.rtt_us.lock().unwrap();
+    let c = s.close_after_ms.lock().unwrap();
     println!(
-        "{{\"event\":\"done\",\"pings\":{},\"pongs\":{},\"closed\":{},\"rtt_p50_us\":{},\"rtt_p99_us\":{}}}",
+        "{{\"event\":\"done\",\"pings\":{},\"pongs\":{},\"closed\":{},\"rtt_p50_us\":{},\"rtt_p99_us\":{},\"close_after_ms_max\":{}}}",
         s.pings.load(Ordering::Relaxed),
         s.pongs.load(Ordering::Relaxed),
         s.closed.load(Ordering::Relaxed),
         h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99)
+        h.value_at_quantile(0.99),
+        c.max()
     );
 }

@@ -1,0 +1,627 @@
+//! `bench run [--full]`: the side-by-side benchmark. Every row is a fresh server process on
+//! the same machine in the same run; the load comes from separate `loadgen` processes.
+//! Writes target/bench/results.json, results.md and SVG plots.
+//!
+//! `bench floor --listen ADDR`: the floor row's server — accept TCP connections and hold
+//! them, nothing else (the kernel's own cost of an idle connection).
+
+use anyhow::{bail, Context, Result};
+use bench::procfs;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    Run {
+        /// N up to ~19,000 and longer windows (default: quick, N ≤ 2,000).
+        #[arg(long)]
+        full: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Directory with the release binaries (egress, loadgen, broflake).
+        #[arg(long, default_value = "target/release")]
+        bin: PathBuf,
+    },
+    Floor {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Floor { listen } => floor(listen),
+        Cmd::Run { full, out, bin } => run(full, &out, &bin),
+    }
+}
+
+fn floor(listen: std::net::SocketAddr) -> Result<()> {
+    let l = std::net::TcpListener::bind(listen)?;
+    eprintln!("listening on ws://{}", l.local_addr()?);
+    let mut held = Vec::new();
+    for s in l.incoming() {
+        if let Ok(s) = s {
+            held.push(s);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    name: &'static str,
+    /// None: the floor server.
+    backend: Option<&'static str>,
+    liveness: &'static str,
+    server_ping: bool,
+}
+
+const ROWS: [Row; 5] = [
+    Row { name: "floor", backend: None, liveness: "", server_ping: false },
+    Row { name: "uring+xdp", backend: Some("uring"), liveness: "xdp", server_ping: false },
+    Row { name: "uring+userspace", backend: Some("uring"), liveness: "userspace", server_ping: false },
+    Row { name: "tokio+userspace", backend: Some("tokio"), liveness: "userspace", server_ping: false },
+    Row { name: "tokio+server-ping", backend: Some("tokio"), liveness: "server-ping", server_ping: true },
+];
+
+#[derive(Debug, Default, Serialize, Clone)]
+struct Point {
+    n: usize,
+    user_bytes_per_conn: f64,
+    pss_bytes_per_conn: f64,
+    /// Slab bytes per connection, client and server sockets together.
+    slab_bytes_per_conn: f64,
+    handshakes_per_sec: f64,
+    /// Context switches per second of the server while the connections are idle.
+    idle_wakeups_per_sec: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct RowResult {
+    row: String,
+    skipped: Option<String>,
+    points: Vec<Point>,
+    /// Server CPU seconds per 1,000 PING exchanges (client PINGs, or server pings).
+    cpu_sec_per_1000_pings: Option<f64>,
+    pings: u64,
+    wakeups_per_sec_pinging: Option<f64>,
+    rtt_p50_us: Option<u64>,
+    rtt_p99_us: Option<u64>,
+    /// Idle reaping: silent connections closed / opened, the latest close after handshake
+    /// (ms), and pinging connections closed (must be 0).
+    reap_idle_closed: Option<u64>,
+    reap_idle_total: Option<u64>,
+    reap_latest_close_ms: Option<u64>,
+    reap_live_closed: Option<u64>,
+    reap_deadline_ms: Option<u64>,
+    /// Server-side estimate: user + (slab − floor's client half), per connection, at the largest N.
+    server_total_bytes_per_conn: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: String,
+    kernel: String,
+    cores: usize,
+    mode: &'static str,
+    ns: Vec<usize>,
+    ping_interval_ms: u64,
+    window_secs: u64,
+    rows: Vec<RowResult>,
+    tunnel: Option<Tunnel>,
+    command: String,
+}
+
+#[derive(Serialize, Default)]
+struct Tunnel {
+    bytes: u64,
+    plain_secs: f64,
+    tunnel_secs: f64,
+    ratio: f64,
+}
+
+struct Server {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_listening(child: &mut Child) -> Result<std::net::SocketAddr> {
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("listening on ws://") {
+                let _ = tx.send(line[i + "listening on ws://".len()..].trim().to_string());
+            }
+            if line.contains("ERROR") || line.contains("Error") {
+                eprintln!("  server: {line}");
+            }
+        }
+    });
+    Ok(rx.recv_timeout(Duration::from_secs(30)).context("server did not start listening")?.parse()?)
+}
+
+fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16) -> Result<Server> {
+    let dir = std::env::temp_dir().join(format!("broflake-bench-{}-{}", row.name.replace('+', "-"), std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = match row.backend {
+        None => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.args(["floor", "--listen", &listen]);
+            c
+        }
+        Some(backend) => {
+            let cfg = dir.join("egress.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[liveness]\nmode = \"{}\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"{idle_ms}ms\"\nsweep_interval = \"1s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"{backend}\"\nthreads = 2\n[limits]\nmax_connections_per_ip = 1000000\n",
+                    row.liveness
+                ),
+            )?;
+            let mut c = Command::new(bin.join("egress"));
+            c.args(["--ws", &listen, "--no-wss", "--log", "warn,egress=info,broflake_egress=info", "--config"])
+                .arg(&cfg)
+                .arg("--state-dir")
+                .arg(&dir);
+            c
+        }
+    };
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let addr = match wait_listening(&mut child) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut err);
+            }
+            bail!("{e}: {err}");
+        }
+    };
+    Ok(Server { child, addr, _dir: dir })
+}
+
+struct LoadProc {
+    children: Vec<Child>,
+}
+
+#[derive(Default, Debug)]
+struct LoadOut {
+    ready_secs: f64,
+    handshaked: u64,
+    failed: u64,
+    pings: u64,
+    closed: u64,
+    rtt_p50: u64,
+    rtt_p99: u64,
+    close_after_ms_max: u64,
+}
+
+/// Starts `n` connections split over processes of at most 9,000 (the per-process fd limit).
+fn start_load(bin: &Path, target: std::net::SocketAddr, n: usize, ping_ms: u64, announce: bool, tcp: bool, hold: u64, base: u8) -> Result<LoadProc> {
+    let per = 9000;
+    let mut children = Vec::new();
+    let mut left = n;
+    let mut k = 0u8;
+    while left > 0 {
+        let this = left.min(per);
+        left -= this;
+        let mut c = Command::new(bin.join("loadgen"));
+        c.args(["--target", &target.to_string(), "--conns", &this.to_string(), "--ping-ms", &ping_ms.to_string()])
+            .args(["--source-base", &(base + k).to_string(), "--hold-secs", &hold.to_string()]);
+        if !announce {
+            c.arg("--no-announce-ping");
+        }
+        if tcp {
+            c.arg("--tcp-only");
+        }
+        children.push(c.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?);
+        k += 1;
+    }
+    Ok(LoadProc { children })
+}
+
+impl LoadProc {
+    /// Reads every process's "ready" line.
+    fn ready(&mut self) -> Result<LoadOut> {
+        let mut out = LoadOut::default();
+        for c in &mut self.children {
+            let mut line = String::new();
+            BufReader::new(c.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
+            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("loadgen said {line:?}"))?;
+            out.handshaked += v["handshaked"].as_u64().unwrap_or(0);
+            out.failed += v["failed"].as_u64().unwrap_or(0);
+            out.ready_secs = out.ready_secs.max(v["secs"].as_f64().unwrap_or(0.0));
+        }
+        Ok(out)
+    }
+
+    /// Waits for every process to finish; sums their "done" lines.
+    fn done(mut self, mut out: LoadOut) -> Result<LoadOut> {
+        for c in &mut self.children {
+            let mut text = String::new();
+            c.stdout.as_mut().context("stdout")?.read_to_string(&mut text)?;
+            let _ = c.wait();
+            if let Some(line) = text.lines().find(|l| l.contains("\"done\"")) {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                out.pings += v["pings"].as_u64().unwrap_or(0);
+                out.closed += v["closed"].as_u64().unwrap_or(0);
+                out.rtt_p50 = out.rtt_p50.max(v["rtt_p50_us"].as_u64().unwrap_or(0));
+                out.rtt_p99 = out.rtt_p99.max(v["rtt_p99_us"].as_u64().unwrap_or(0));
+                out.close_after_ms_max = out.close_after_ms_max.max(v["close_after_ms_max"].as_u64().unwrap_or(0));
+            }
+        }
+        Ok(out)
+    }
+
+    fn kill(mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn slab_total(s: &std::collections::BTreeMap<String, u64>) -> u64 {
+    s.values().sum()
+}
+
+fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
+    let ns: Vec<usize> = if full { vec![2000, 5000, 10_000, 19_000] } else { vec![500, 2000] };
+    let window = if full { 15 } else { 4 };
+    let ping_ms: u64 = if full { 5000 } else { 2000 };
+    std::fs::create_dir_all(out)?;
+    let mut results = Vec::new();
+    let mut port = 24_000u16;
+    for row in ROWS {
+        eprintln!("== {}", row.name);
+        let mut r = RowResult { row: row.name.into(), ..RowResult::default() };
+        // Memory, ramp and idle wakeups at each N (silent connections; long idle timeout).
+        for &n in &ns {
+            port += 1;
+            let server = match start_server(bin, row, ping_ms, 600_000, port) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("   skipped: {e:#}");
+                    r.skipped = Some(format!("{e:#}"));
+                    break;
+                }
+            };
+            let pid = server.child.id();
+            let tcp = row.backend.is_none();
+            let warm = start_load(bin, server.addr, 200, 0, true, tcp, 1, 1)?;
+            warm.done(LoadOut::default())?;
+            std::thread::sleep(Duration::from_millis(500));
+            let (rss0, pss0, slab0) = (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
+            let mut load = start_load(bin, server.addr, n, 0, !row.server_ping, tcp, 600, 10)?;
+            let ready = load.ready()?;
+            std::thread::sleep(Duration::from_millis(1000));
+            let (rss1, pss1, slab1) = (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
+            let cs0 = procfs::context_switches(pid).unwrap_or(0);
+            let t = Instant::now();
+            std::thread::sleep(Duration::from_secs(window));
+            let cs1 = procfs::context_switches(pid).unwrap_or(0);
+            let per = |a: u64, b: u64| (b as f64 - a as f64) / n as f64;
+            let p = Point {
+                n,
+                user_bytes_per_conn: per(rss0, rss1),
+                pss_bytes_per_conn: per(pss0, pss1),
+                slab_bytes_per_conn: per(slab_total(&slab0), slab_total(&slab1)),
+                handshakes_per_sec: ready.handshaked as f64 / ready.ready_secs.max(1e-3),
+                idle_wakeups_per_sec: (cs1 - cs0) as f64 / t.elapsed().as_secs_f64(),
+            };
+            eprintln!("   N={n}: {p:?} (failed {})", ready.failed);
+            r.points.push(p);
+            load.kill();
+        }
+        if r.skipped.is_some() || row.backend.is_none() {
+            results.push(r);
+            continue;
+        }
+        // Keepalive cost: every connection pings (or is pinged) for the window.
+        let n = *ns.last().expect("Ns");
+        port += 1;
+        let server = start_server(bin, row, ping_ms, 600_000, port)?;
+        let pid = server.child.id();
+        let client_ping = if row.server_ping { 0 } else { ping_ms };
+        let mut load = start_load(bin, server.addr, n, client_ping, !row.server_ping, false, window + 2, 30)?;
+        let ready = load.ready()?;
+        let (cpu0, cs0) = (procfs::cpu_seconds(pid).unwrap_or(0.0), procfs::context_switches(pid).unwrap_or(0));
+        let t = Instant::now();
+        let done = load.done(ready)?;
+        let (cpu1, cs1) = (procfs::cpu_seconds(pid).unwrap_or(0.0), procfs::context_switches(pid).unwrap_or(0));
+        let pings = if row.server_ping {
+            // Server pings are counted by the clients answering them (loadgen idle mode).
+            done.pings.max((n as u64) * window / (ping_ms / 1000).max(1))
+        } else {
+            done.pings
+        };
+        r.pings = pings;
+        r.cpu_sec_per_1000_pings = (pings > 0).then(|| (cpu1 - cpu0) / (pings as f64 / 1000.0));
+        r.wakeups_per_sec_pinging = Some((cs1 - cs0) as f64 / t.elapsed().as_secs_f64());
+        if !row.server_ping {
+            r.rtt_p50_us = Some(done.rtt_p50);
+            r.rtt_p99_us = Some(done.rtt_p99);
+        }
+        eprintln!("   pings {pings}, cpu {:.3}s, {:?}", cpu1 - cpu0, r.cpu_sec_per_1000_pings);
+        drop(server);
+        // Idle reaping: 1,000 silent and 1,000 pinging connections, idle timeout 4 s.
+        if !row.server_ping {
+            port += 1;
+            let server = start_server(bin, row, 1000, 4000, port)?;
+            let mut silent = start_load(bin, server.addr, 1000, 0, true, false, 8, 60)?;
+            let mut live = start_load(bin, server.addr, 1000, 1000, true, false, 8, 70)?;
+            let s = silent.ready()?;
+            let l = live.ready()?;
+            let s = silent.done(s)?;
+            let l = live.done(l)?;
+            r.reap_idle_closed = Some(s.closed);
+            r.reap_idle_total = Some(s.handshaked);
+            r.reap_latest_close_ms = Some(s.close_after_ms_max);
+            r.reap_live_closed = Some(l.closed);
+            r.reap_deadline_ms = Some(4000 + 1000);
+            eprintln!("   reaping: {}/{} idle closed, latest after {} ms; live closed {}", s.closed, s.handshaked, s.close_after_ms_max, l.closed);
+        }
+        results.push(r);
+    }
+    // Server-side totals at the largest N, from the floor's slab cost (client + server).
+    let floor_slab = results[0].points.last().map(|p| p.slab_bytes_per_conn).unwrap_or(0.0);
+    for r in &mut results {
+        if let Some(p) = r.points.last() {
+            r.server_total_bytes_per_conn = Some(p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
+        }
+    }
+    let tunnel = tunnel(bin, full).map_err(|e| eprintln!("tunnel: {e:#}")).ok();
+    let uname = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let res = Results {
+        machine: std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .unwrap_or_default(),
+        kernel: uname,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        mode: if full { "full" } else { "quick" },
+        ns: ns.clone(),
+        ping_interval_ms: ping_ms,
+        window_secs: window,
+        rows: results,
+        tunnel,
+        command: if full { "cargo xtask bench --full".into() } else { "cargo xtask bench".into() },
+    };
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&res)?)?;
+    std::fs::write(out.join("results.md"), markdown(&res))?;
+    plots(&res, out)?;
+    print!("{}", markdown(&res));
+    Ok(())
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("n/a".into(), |v| format!("{v:.digits$}"))
+}
+
+fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Machine: {} ({} cores), Linux {}. Mode: {} (N = {:?}; PING interval {} ms; windows {} s).\n\n",
+        r.machine, r.cores, r.kernel, r.mode, r.ns, r.ping_interval_ms, r.window_secs
+    ));
+    let floor_total = r.rows[0].server_total_bytes_per_conn.unwrap_or(0.0);
+    let tokio_sp = r.rows.iter().find(|x| x.row == "tokio+server-ping").and_then(|x| x.cpu_sec_per_1000_pings);
+    s.push_str("| row | user B/conn | slab B/conn (client+server) | server total B/conn | × floor | handshakes/s | idle wakeups/s | CPU s per 1k PINGs | × cheaper than tokio+server-ping | RTT p50/p99 µs | idle reaping |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for row in &r.rows {
+        if let Some(why) = &row.skipped {
+            s.push_str(&format!("| {} | skipped: {} |||||||||||\n", row.row, why.lines().next().unwrap_or("")));
+            continue;
+        }
+        let p = row.points.last().cloned().unwrap_or_default();
+        let ratio = row.server_total_bytes_per_conn.map(|t| t / floor_total.max(1.0));
+        let cheaper = match (tokio_sp, row.cpu_sec_per_1000_pings) {
+            (Some(b), Some(c)) if c > 0.0 => Some(b / c),
+            _ => None,
+        };
+        let reap = match (row.reap_idle_closed, row.reap_idle_total, row.reap_latest_close_ms, row.reap_live_closed) {
+            (Some(c), Some(t), Some(ms), Some(live)) => format!("{c}/{t} idle closed by {ms} ms (deadline {} ms); {live} live closed", row.reap_deadline_ms.unwrap_or(0)),
+            _ => "n/a".into(),
+        };
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} |\n",
+            row.row,
+            p.user_bytes_per_conn,
+            p.slab_bytes_per_conn,
+            fmt(row.server_total_bytes_per_conn, 0),
+            fmt(ratio, 2),
+            p.handshakes_per_sec,
+            p.idle_wakeups_per_sec,
+            fmt(row.cpu_sec_per_1000_pings, 4),
+            fmt(cheaper, 1),
+            match (row.rtt_p50_us, row.rtt_p99_us) {
+                (Some(a), Some(b)) => format!("{a}/{b}"),
+                _ => "n/a".into(),
+            },
+            reap
+        ));
+    }
+    s.push_str("\nIdle wakeups per second by N (server context switches while every connection is silent):\n\n| row |");
+    for n in &r.ns {
+        s.push_str(&format!(" N={n} |"));
+    }
+    s.push_str("\n|---|");
+    for _ in &r.ns {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for row in &r.rows {
+        s.push_str(&format!("| {} |", row.row));
+        for p in &row.points {
+            s.push_str(&format!(" {:.1} |", p.idle_wakeups_per_sec));
+        }
+        s.push('\n');
+    }
+    if let Some(t) = &r.tunnel {
+        s.push_str(&format!(
+            "\nTunnel: {} MiB via consumer → relay → egress → local server in {:.2} s; plain TCP copy of the same bytes in {:.2} s; throughput ratio {:.3}.\n",
+            t.bytes >> 20,
+            t.tunnel_secs,
+            t.plain_secs,
+            t.ratio
+        ));
+    }
+    s
+}
+
+fn plots(r: &Results, out: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let path = out.join("memory_per_conn.svg");
+    let root = SVGBackend::new(&path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_y = r.rows.iter().flat_map(|x| x.points.iter().map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).fold(1.0, f64::max);
+    let max_n = *r.ns.last().unwrap_or(&1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Memory per idle connection (user + slab, client+server slab)", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_n * 1.05, 0f64..max_y * 1.1)?;
+    chart.configure_mesh().x_desc("N connections").y_desc("bytes per connection").draw()?;
+    for (i, row) in r.rows.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = row.points.iter().map(|p| (p.n as f64, p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).collect();
+        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?.label(row.row.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+
+    let path = out.join("cpu_per_ping.svg");
+    let root = SVGBackend::new(&path, (800, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let bars: Vec<(String, f64)> = r.rows.iter().filter_map(|x| x.cpu_sec_per_1000_pings.map(|c| (x.row.clone(), c * 1000.0))).collect();
+    let max = bars.iter().map(|b| b.1).fold(0.001, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Server CPU milliseconds per 1,000 PINGs", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0..bars.len(), 0f64..max * 1.15)?;
+    chart
+        .configure_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|i| bars.get(*i).map(|b| b.0.clone()).unwrap_or_default())
+        .y_desc("ms CPU per 1,000 PINGs")
+        .draw()?;
+    chart.draw_series(bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Bulk transfer through consumer → relay → egress vs. a plain TCP copy, same bytes.
+fn tunnel(bin: &Path, full: bool) -> Result<Tunnel> {
+    let bytes: u64 = if full { 256 << 20 } else { 64 << 20 };
+    // A local HTTP server with a fixed body.
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let http = l.local_addr()?;
+    std::thread::spawn(move || {
+        let body = vec![0x5au8; 1 << 20];
+        for s in l.incoming().flatten() {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut req = [0u8; 2048];
+                let _ = s.read(&mut req);
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\nConnection: close\r\n\r\n");
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(body.len() as u64) as usize;
+                    if s.write_all(&body[..n]).is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+            });
+        }
+    });
+    let curl = |proxy: Option<String>| -> Result<f64> {
+        let mut c = Command::new("curl");
+        c.args(["--silent", "--fail", "--output", "/dev/null", "--max-time", "300"]);
+        if let Some(p) = proxy {
+            c.args(["--proxy", &p]);
+        }
+        c.arg(format!("http://localhost:{}/", http.port()));
+        let t = Instant::now();
+        let st = c.status()?;
+        anyhow::ensure!(st.success(), "curl failed: {st}");
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let plain_secs = curl(None)?;
+    let dir = std::env::temp_dir().join(format!("broflake-bench-tunnel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("egress.toml");
+    std::fs::write(&cfg, "[proxy]\nallow = [\"127.0.0.0/8\"]\n")?;
+    let mut egress = Command::new(bin.join("egress"))
+        .args(["--ws", "127.0.0.1:0", "--no-wss", "--log", "warn,egress=info,broflake_egress=info", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let addr = wait_listening(&mut egress)?;
+    let mut fp = String::new();
+    BufReader::new(egress.stdout.as_mut().context("stdout")?).read_line(&mut fp)?;
+    let fp = fp.trim().rsplit(' ').next().unwrap_or("").to_string();
+    let relay_port = addr.port() + 1000;
+    let mut relay = Command::new(bin.join("broflake"))
+        .args(["--log", "warn", "relay", "--upstream", &format!("ws://{addr}/broflake"), "--pool", "1", "--listen", &format!("127.0.0.1:{relay_port}")])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_line(&mut relay, "relay listening")?;
+    let socks_port = relay_port + 1;
+    let mut consumer = Command::new(bin.join("broflake"))
+        .args(["--log", "warn", "consumer", "--relay", &format!("ws://127.0.0.1:{relay_port}/broflake"), "--egress-cert-sha256", &fp, "--socks", &format!("127.0.0.1:{socks_port}")])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_line(&mut consumer, "socks5 listening")?;
+    let tunnel_secs = curl(Some(format!("socks5h://127.0.0.1:{socks_port}")));
+    for c in [&mut consumer, &mut relay, &mut egress] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let tunnel_secs = tunnel_secs?;
+    Ok(Tunnel { bytes, plain_secs, tunnel_secs, ratio: plain_secs / tunnel_secs })
+}
+
+fn wait_line(child: &mut Child, needle: &str) -> Result<()> {
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut r = BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("process ended before saying {needle:?}");
+        }
+        if line.contains(needle) {
+            std::thread::spawn(move || for _ in r.lines() {});
+            return Ok(());
+        }
+    }
+}
