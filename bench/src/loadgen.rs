@@ -79,9 +79,9 @@ pub struct Load {
     pub started: Instant,
 }
 
-/// The upgrade request and the HELLO, as one write (the server must accept pipelining).
-fn opening_bytes(target: SocketAddr, announce_ping: bool) -> Vec<u8> {
-    let mut out = format!(
+/// The upgrade request, and the HELLO frame sent once the 101 arrived (as browsers do).
+fn opening_bytes(target: SocketAddr, announce_ping: bool) -> (Vec<u8>, Vec<u8>) {
+    let out = format!(
         "GET {} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: broflake.v1, broflake\r\n\r\n",
         binding::DEFAULT_PATH
     )
@@ -90,8 +90,9 @@ fn opening_bytes(target: SocketAddr, announce_ping: bool) -> Vec<u8> {
     cfg.send_pings = announce_ping;
     let mut hello = Vec::new();
     ClientSession::new(1).start(&cfg, Timestamp(0), &mut hello);
-    ws_frame(&hello, &mut out);
-    out
+    let mut frame = Vec::new();
+    ws_frame(&hello, &mut frame);
+    (out, frame)
 }
 
 /// A masked client binary frame.
@@ -162,7 +163,7 @@ async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, mut http: bool, want: 
 async fn one(
     cfg: Arc<LoadConfig>,
     i: usize,
-    opening: Arc<Vec<u8>>,
+    opening: Arc<(Vec<u8>, Vec<u8>)>,
     stats: Arc<LoadStats>,
     ramp: Arc<tokio::sync::Semaphore>,
 ) {
@@ -174,7 +175,7 @@ async fn one(
         let mut s = sock.connect(cfg.target).await?;
         s.set_nodelay(true)?;
         if !cfg.tcp_only {
-            s.write_all(&opening).await?;
+            s.write_all(&opening.0).await?;
         }
         std::io::Result::Ok(s)
     };
@@ -194,7 +195,21 @@ async fn one(
         stats.closed.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    if read_until(&mut s, &mut buf, true, broflake_proto::frame::types::WELCOME).await.is_none() {
+    let upgraded = async {
+        let mut chunk = [0u8; 512];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.ok().filter(|n| *n > 0)?;
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        if !buf.starts_with(b"HTTP/1.1 101") {
+            return None;
+        }
+        buf.drain(..end);
+        s.write_all(&opening.1).await.ok()?;
+        read_until(&mut s, &mut buf, false, broflake_proto::frame::types::WELCOME).await
+    };
+    if upgraded.await.is_none() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
         return;
     }
@@ -206,6 +221,8 @@ async fn one(
         None => {
             // Idle: just notice if the server closes, answering server PINGs (baseline mode).
             while let Some(payload) = read_until(&mut s, &mut buf, false, broflake_proto::frame::types::PING).await {
+                // A server PING (the server-ping baseline): counted as one PING exchange.
+                stats.pings.fetch_add(1, Ordering::Relaxed);
                 let mut pong = Vec::new();
                 Frame::Pong { payload: &payload }.encode(0, &mut pong);
                 let mut f = Vec::new();

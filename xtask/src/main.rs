@@ -136,7 +136,17 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
 
 fn bench(full: bool) -> Result<()> {
     setup::apt(&[("curl", "curl")])?;
-    sh(cargo().args(["build", "--release", "-p", "broflake-egress", "-p", "broflake-client", "-p", "bench", "--bins"]))?;
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "broflake-egress",
+        "-p",
+        "broflake-client",
+        "-p",
+        "bench",
+        "--bins",
+    ]))?;
     let mut args: Vec<String> = vec!["target/release/bench".into(), "run".into()];
     if full {
         args.push("--full".into());

@@ -160,7 +160,8 @@ fn wait_listening(child: &mut Child) -> Result<std::net::SocketAddr> {
 }
 
 fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16) -> Result<Server> {
-    let dir = std::env::temp_dir().join(format!("broflake-bench-{}-{}", row.name.replace('+', "-"), std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("broflake-bench-{}-{}", row.name.replace('+', "-"), std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let listen = format!("127.0.0.1:{port}");
     let mut cmd = match row.backend {
@@ -218,7 +219,16 @@ struct LoadOut {
 }
 
 /// Starts `n` connections split over processes of at most 9,000 (the per-process fd limit).
-fn start_load(bin: &Path, target: std::net::SocketAddr, n: usize, ping_ms: u64, announce: bool, tcp: bool, hold: u64, base: u8) -> Result<LoadProc> {
+fn start_load(
+    bin: &Path,
+    target: std::net::SocketAddr,
+    n: usize,
+    ping_ms: u64,
+    announce: bool,
+    tcp: bool,
+    hold: u64,
+    base: u8,
+) -> Result<LoadProc> {
     let per = 9000;
     let mut children = Vec::new();
     let mut left = n;
@@ -312,11 +322,13 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
             let warm = start_load(bin, server.addr, 200, 0, true, tcp, 1, 1)?;
             warm.done(LoadOut::default())?;
             std::thread::sleep(Duration::from_millis(500));
-            let (rss0, pss0, slab0) = (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
+            let (rss0, pss0, slab0) =
+                (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
             let mut load = start_load(bin, server.addr, n, 0, !row.server_ping, tcp, 600, 10)?;
             let ready = load.ready()?;
             std::thread::sleep(Duration::from_millis(1000));
-            let (rss1, pss1, slab1) = (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
+            let (rss1, pss1, slab1) =
+                (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
             let cs0 = procfs::context_switches(pid).unwrap_or(0);
             let t = Instant::now();
             std::thread::sleep(Duration::from_secs(window));
@@ -380,7 +392,10 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
             r.reap_latest_close_ms = Some(s.close_after_ms_max);
             r.reap_live_closed = Some(l.closed);
             r.reap_deadline_ms = Some(4000 + 1000);
-            eprintln!("   reaping: {}/{} idle closed, latest after {} ms; live closed {}", s.closed, s.handshaked, s.close_after_ms_max, l.closed);
+            eprintln!(
+                "   reaping: {}/{} idle closed, latest after {} ms; live closed {}",
+                s.closed, s.handshaked, s.close_after_ms_max, l.closed
+            );
         }
         results.push(r);
     }
@@ -388,15 +403,24 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
     let floor_slab = results[0].points.last().map(|p| p.slab_bytes_per_conn).unwrap_or(0.0);
     for r in &mut results {
         if let Some(p) = r.points.last() {
-            r.server_total_bytes_per_conn = Some(p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
+            r.server_total_bytes_per_conn =
+                Some(p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
         }
     }
     let tunnel = tunnel(bin, full).map_err(|e| eprintln!("tunnel: {e:#}")).ok();
-    let uname = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let uname = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let res = Results {
         machine: std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
             .unwrap_or_default(),
         kernel: uname,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -440,7 +464,10 @@ fn markdown(r: &Results) -> String {
             _ => None,
         };
         let reap = match (row.reap_idle_closed, row.reap_idle_total, row.reap_latest_close_ms, row.reap_live_closed) {
-            (Some(c), Some(t), Some(ms), Some(live)) => format!("{c}/{t} idle closed by {ms} ms (deadline {} ms); {live} live closed", row.reap_deadline_ms.unwrap_or(0)),
+            (Some(c), Some(t), Some(ms), Some(live)) => format!(
+                "{c}/{t} idle closed by {ms} ms (deadline {} ms); {live} live closed",
+                row.reap_deadline_ms.unwrap_or(0)
+            ),
             _ => "n/a".into(),
         };
         s.push_str(&format!(
@@ -494,7 +521,11 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     let path = out.join("memory_per_conn.svg");
     let root = SVGBackend::new(&path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_y = r.rows.iter().flat_map(|x| x.points.iter().map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).fold(1.0, f64::max);
+    let max_y = r
+        .rows
+        .iter()
+        .flat_map(|x| x.points.iter().map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn))
+        .fold(1.0, f64::max);
     let max_n = *r.ns.last().unwrap_or(&1) as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption("Memory per idle connection (user + slab, client+server slab)", ("sans-serif", 18))
@@ -505,8 +536,12 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     chart.configure_mesh().x_desc("N connections").y_desc("bytes per connection").draw()?;
     for (i, row) in r.rows.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = row.points.iter().map(|p| (p.n as f64, p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).collect();
-        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?.label(row.row.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        let pts: Vec<(f64, f64)> =
+            row.points.iter().map(|p| (p.n as f64, p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(row.row.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
@@ -515,7 +550,8 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     let path = out.join("cpu_per_ping.svg");
     let root = SVGBackend::new(&path, (800, 400)).into_drawing_area();
     root.fill(&WHITE)?;
-    let bars: Vec<(String, f64)> = r.rows.iter().filter_map(|x| x.cpu_sec_per_1000_pings.map(|c| (x.row.clone(), c * 1000.0))).collect();
+    let bars: Vec<(String, f64)> =
+        r.rows.iter().filter_map(|x| x.cpu_sec_per_1000_pings.map(|c| (x.row.clone(), c * 1000.0))).collect();
     let max = bars.iter().map(|b| b.1).fold(0.001, f64::max);
     let mut chart = ChartBuilder::on(&root)
         .caption("Server CPU milliseconds per 1,000 PINGs", ("sans-serif", 18))
@@ -529,7 +565,9 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
         .x_label_formatter(&|i| bars.get(*i).map(|b| b.0.clone()).unwrap_or_default())
         .y_desc("ms CPU per 1,000 PINGs")
         .draw()?;
-    chart.draw_series(bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())))?;
+    chart.draw_series(
+        bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())),
+    )?;
     root.present()?;
     Ok(())
 }
@@ -591,13 +629,33 @@ fn tunnel(bin: &Path, full: bool) -> Result<Tunnel> {
     let fp = fp.trim().rsplit(' ').next().unwrap_or("").to_string();
     let relay_port = addr.port() + 1000;
     let mut relay = Command::new(bin.join("broflake"))
-        .args(["--log", "warn", "relay", "--upstream", &format!("ws://{addr}/broflake"), "--pool", "1", "--listen", &format!("127.0.0.1:{relay_port}")])
+        .args([
+            "--log",
+            "warn",
+            "relay",
+            "--upstream",
+            &format!("ws://{addr}/broflake"),
+            "--pool",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{relay_port}"),
+        ])
         .stderr(Stdio::piped())
         .spawn()?;
     wait_line(&mut relay, "relay listening")?;
     let socks_port = relay_port + 1;
     let mut consumer = Command::new(bin.join("broflake"))
-        .args(["--log", "warn", "consumer", "--relay", &format!("ws://127.0.0.1:{relay_port}/broflake"), "--egress-cert-sha256", &fp, "--socks", &format!("127.0.0.1:{socks_port}")])
+        .args([
+            "--log",
+            "warn",
+            "consumer",
+            "--relay",
+            &format!("ws://127.0.0.1:{relay_port}/broflake"),
+            "--egress-cert-sha256",
+            &fp,
+            "--socks",
+            &format!("127.0.0.1:{socks_port}"),
+        ])
         .stderr(Stdio::piped())
         .spawn()?;
     wait_line(&mut consumer, "socks5 listening")?;
