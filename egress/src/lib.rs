@@ -16,6 +16,7 @@ pub mod shared;
 pub mod tls;
 pub mod tokio_io;
 pub mod upgrade;
+pub mod xdp;
 
 use anyhow::{Context, Result};
 use config::{Backend, Config, LivenessMode};
