@@ -5,7 +5,9 @@
 //!
 //! Where the object is looked for, in order: `$BROFLAKE_EBPF_OBJ`; then
 //! `<target dir>/bpfel-unknown-none/release/egress-ebpf` for the target directory this build
-//! runs in (found above OUT_DIR) and for `<workspace>/target`.
+//! runs in (found above OUT_DIR) and for `<workspace>/target`. Once found, the object is
+//! watched; while missing, only this file and the variable are (xtask touches this file when
+//! it builds the object, so that a build made without it picks it up).
 
 use std::path::PathBuf;
 
@@ -26,10 +28,11 @@ fn main() {
         if let Some(target) = out_dir.ancestors().find(|a| a.join("bpfel-unknown-none").is_dir()) {
             candidates.push(target.join(OBJECT));
         }
-        if let Some(target) = out_dir.ancestors().nth(4) {
+        if let Some(target) = out_dir.ancestors().nth(4).filter(|t| !candidates.contains(&t.join(OBJECT))) {
             candidates.push(target.join(OBJECT));
         }
         candidates.push(manifest_dir.join("..").join("target").join(OBJECT));
+        candidates.dedup();
     }
 
     let dest = out_dir.join("egress-ebpf.o");
@@ -40,13 +43,9 @@ fn main() {
             println!("cargo::rustc-cfg=has_ebpf_object");
         }
         None => {
-            // Rebuild when the object appears: watch the nearest existing directory on the way
-            // to it (a directory's mtime changes when entries are added to it).
-            for c in &candidates {
-                if let Some(dir) = c.ancestors().skip(1).find(|a| a.is_dir()) {
-                    println!("cargo::rerun-if-changed={}", dir.display());
-                }
-            }
+            // Nothing to watch cheaply (cargo would walk a watched directory recursively, and
+            // a watched missing file reruns this script on every build): `cargo xtask
+            // build-ebpf` touches this file when it produces or changes the object.
             let _ = std::fs::remove_file(&dest);
             println!(
                 "cargo::warning=XDP object not found ({}); building without kernel liveness \

@@ -65,6 +65,10 @@ pub fn ensure_toolchain() -> Result<()> {
     Ok(())
 }
 
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 /// Builds egress-ebpf/ and returns the path of the object
 /// (`target/bpfel-unknown-none/release/egress-ebpf`), where egress/build.rs finds it.
 pub fn build() -> Result<PathBuf> {
@@ -90,14 +94,25 @@ pub fn build() -> Result<PathBuf> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("CARGO");
+    let object = target_dir.join(TARGET).join("release").join("egress-ebpf");
+    let before = modified(&object);
     eprintln!("+ {}", display(&cmd));
     let status = cmd.status().context("cannot start cargo +nightly")?;
     if !status.success() {
         bail!("building the XDP program failed ({status})");
     }
-    let object = target_dir.join(TARGET).join("release").join("egress-ebpf");
-    if !Path::new(&object).is_file() {
+    if !object.is_file() {
         bail!("the XDP program built but {} is missing", object.display());
+    }
+    if modified(&object) != before {
+        // egress/build.rs watches the object once it has seen it, but a build made while it
+        // was missing watches nothing: make that build script run again.
+        let script = root.join("egress").join("build.rs");
+        std::fs::File::options()
+            .write(true)
+            .open(&script)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .with_context(|| format!("cannot touch {}", script.display()))?;
     }
     eprintln!("xtask: XDP object at {}", object.display());
     Ok(object)
