@@ -223,10 +223,18 @@ async fn idle_flows_expire_and_busy_flows_do_not() {
     assert_eq!(expired.len(), IDLE, "every idle connection is reported");
     assert!(wrongly_expired.is_empty(), "no busy connection is reported: {wrongly_expired:?}");
     let max = *latencies.last().unwrap();
-    // A report can come only after the idle timeout, and the next sweep finds it; the slack
-    // covers the coarse clock (a few ms) and this test's own scheduling.
+    let kernel_max = *idle_seen.iter().max().unwrap();
+    // The kernel's own view (its clock at the sweep minus the flow's last-seen) is exact up
+    // to the coarse clock's tick; the time this test observes adds its own wake-ups.
     assert!(max >= IDLE_TIMEOUT, "no report before the idle timeout ({max:?})");
-    assert!(max <= bound + Duration::from_millis(50), "every report within idle_timeout + one sweep ({max:?})");
+    assert!(
+        kernel_max <= bound + Duration::from_millis(10),
+        "every flow expired within idle_timeout + one sweep ({kernel_max:?})"
+    );
+    assert!(
+        max <= bound + Duration::from_millis(100),
+        "every report received within idle_timeout + one sweep ({max:?})"
+    );
     for f in busy_peers.iter().take(20) {
         assert!(xdp.flow(*f, local).is_some(), "busy flow {f} is tracked");
     }
