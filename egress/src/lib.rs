@@ -18,6 +18,7 @@ pub mod tokio_io;
 pub mod upgrade;
 pub mod uring;
 pub mod wscodec;
+pub mod xdp;
 
 use anyhow::{Context, Result};
 use config::{Backend, Config, LivenessMode};

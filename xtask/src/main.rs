@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod ebpf;
 mod setup;
 
 #[derive(Parser, Debug)]
@@ -39,6 +40,9 @@ enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// Build the XDP program (installing its toolchain if needed) into the object that
+    /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
+    BuildEbpf,
     /// Build and run the egress with its embedded defaults (extra arguments go to the egress).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -59,10 +63,14 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Bench { full } => bench(full),
+        Cmd::BuildEbpf => {
+            ebpf::ensure_toolchain()?;
+            ebpf::build().map(drop)
+        }
     }
 }
 
-fn project_root() -> PathBuf {
+pub(crate) fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
@@ -91,6 +99,9 @@ fn cargo() -> Command {
 
 fn test(fuzz_seconds: u64) -> Result<()> {
     setup::all()?;
+    // Before any cargo build of `egress`, whose build script embeds the object.
+    ebpf::ensure_toolchain()?;
+    ebpf::build()?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     sh(cargo().args(["test", "--workspace", "--all-targets"]))?;
@@ -169,5 +180,7 @@ fn bench(full: bool) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     setup::runtime()?;
+    ebpf::ensure_toolchain()?;
+    ebpf::build()?;
     sh(cargo().args(["run", "--release", "--bin", "egress", "--"]).args(args))
 }
