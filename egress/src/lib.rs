@@ -73,29 +73,12 @@ impl Egress {
                 }
             },
         };
-        let liveness = match config.liveness.mode {
-            LivenessMode::Xdp => anyhow::bail!("liveness.mode = \"xdp\" is not available in this build; use \"userspace\", \"server-ping\" or \"auto\""),
-            LivenessMode::Auto => {
-                tracing::info!(reason = "XDP liveness is not built in", "liveness: auto chose userspace");
-                LivenessMode::Userspace
-            }
-            m => m,
-        };
-        for mode in ["userspace", "server-ping", "xdp"] {
-            let active = matches!(
-                (mode, liveness),
-                ("userspace", LivenessMode::Userspace)
-                    | ("server-ping", LivenessMode::ServerPing)
-                    | ("xdp", LivenessMode::Xdp)
-            );
-            ::metrics::gauge!(crate::metrics::LIVENESS_MODE, "mode" => mode).set(if active { 1.0 } else { 0.0 });
-        }
         ::metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
         let quic =
             quic::QuicBridge::new(quic::server_config(identity.quic_config()?, &config), config.quic.inbound_queue)
                 .context("cannot create the QUIC endpoint")?;
-        let shared = Arc::new(Shared::new(config.clone(), quic.clone(), liveness == LivenessMode::Xdp));
+        let shared = Arc::new(Shared::new(config.clone(), quic.clone(), false));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
@@ -135,6 +118,7 @@ impl Egress {
                 }
             }
         }
+        let liveness = start_liveness(&config, &shared, &ws_addrs, &wss_addrs, &mut tasks)?;
         let mut admin_addr = None;
         let readiness = Arc::new(admin::Readiness::default());
         readiness.liveness_ready.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -208,6 +192,83 @@ impl Egress {
         self.shared.quic.endpoint.close(0u32.into(), b"egress shutting down");
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Chooses the liveness mode; in xdp (or auto) mode loads and attaches the XDP program and
+/// starts the task that closes the connections of flows the kernel reports idle.
+fn start_liveness(
+    config: &Config,
+    shared: &Arc<Shared>,
+    ws: &[SocketAddr],
+    wss: &[SocketAddr],
+    tasks: &mut JoinSet<()>,
+) -> Result<LivenessMode> {
+    let mode = config.liveness.mode;
+    let liveness = match mode {
+        LivenessMode::Xdp | LivenessMode::Auto => {
+            let mut xc = xdp::XdpConfig::from_config(config);
+            xc.ports = ws.iter().chain(wss).map(SocketAddr::port).collect();
+            xc.ports.sort_unstable();
+            xc.ports.dedup();
+            let loaded = if xc.interfaces.is_empty() {
+                Err("liveness.interfaces is empty: name the interfaces that carry client traffic".to_string())
+            } else {
+                xdp::Xdp::load(&xc).map_err(|e| e.to_string())
+            };
+            match loaded {
+                Ok(x) => {
+                    for a in x.attached() {
+                        tracing::info!(interface = %a.interface, native = a.native, "XDP liveness attached");
+                    }
+                    shared.kernel_liveness.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tasks.spawn(expire_task(x, shared.clone()));
+                    LivenessMode::Xdp
+                }
+                Err(why) if mode == LivenessMode::Auto => {
+                    tracing::info!(reason = %why, "liveness: auto chose userspace");
+                    LivenessMode::Userspace
+                }
+                Err(why) => anyhow::bail!("liveness.mode = \"xdp\" cannot run: {why}"),
+            }
+        }
+        m => m,
+    };
+    for name in ["userspace", "server-ping", "xdp"] {
+        let active = matches!(
+            (name, liveness),
+            ("userspace", LivenessMode::Userspace)
+                | ("server-ping", LivenessMode::ServerPing)
+                | ("xdp", LivenessMode::Xdp)
+        );
+        ::metrics::gauge!(crate::metrics::LIVENESS_MODE, "mode" => name).set(if active { 1.0 } else { 0.0 });
+    }
+    Ok(liveness)
+}
+
+/// Reads flows the kernel expired and closes their connections (in whichever backend).
+async fn expire_task(mut x: xdp::Xdp, shared: Arc<Shared>) {
+    xdp::describe_metrics();
+    let mut publish = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            flow = x.next_expired() => {
+                let Some(flow) = flow else { return };
+                shared.stats.xdp_expired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let inboxes = shared.quic.uring_inboxes();
+                if inboxes.is_empty() {
+                    if let Some(c) = shared.conns.find_peer(flow.peer) {
+                        c.kill.store(true, std::sync::atomic::Ordering::Relaxed);
+                        c.wake.notify_one();
+                    }
+                } else {
+                    for inbox in inboxes {
+                        inbox.expire(flow.peer);
+                    }
+                }
+            }
+            _ = publish.tick() => x.publish_metrics(),
+        }
     }
 }
 

@@ -16,6 +16,7 @@ pub const SERVER_PINGS: &str = "broflake_server_pings_total";
 pub const LIVENESS_MODE: &str = "broflake_liveness_mode";
 pub const SWEEPS: &str = "broflake_liveness_sweeps_total";
 pub const SWEEP_WAKEUPS: &str = "broflake_liveness_sweep_wakeups_total";
+pub const USERSPACE_CHECKS: &str = "broflake_liveness_userspace_checks_total";
 pub const ROUTES: &str = "broflake_routes";
 pub const PACKETS_DROPPED: &str = "broflake_packets_dropped_total";
 pub const QUIC_CONNECTIONS: &str = "broflake_quic_connections";
@@ -149,6 +150,7 @@ pub fn describe() {
     describe_gauge!(LIVENESS_MODE, "1 for the liveness mode in effect, by mode.");
     describe_counter!(SWEEPS, "User-space deadline sweeps run.");
     describe_counter!(SWEEP_WAKEUPS, "Connections woken by the deadline sweep.");
+    describe_counter!(USERSPACE_CHECKS, "Idle-deadline checks user space made on open connections (io_uring wheel).");
     describe_gauge!(ROUTES, "Routes (connection, label) open now.");
     describe_counter!(PACKETS_DROPPED, "QUIC packets dropped, by reason.");
     describe_gauge!(QUIC_CONNECTIONS, "Tunnelled QUIC connections open now.");

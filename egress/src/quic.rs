@@ -53,6 +53,8 @@ pub mod uring_route {
 #[derive(Debug)]
 pub struct Inbox {
     queue: Mutex<OutQueue>,
+    /// Peers whose flows the kernel reported idle (xdp mode).
+    expired: Mutex<Vec<SocketAddr>>,
     /// eventfd the worker's ring reads; written when the queue becomes non-empty.
     pub efd: i32,
     armed: std::sync::atomic::AtomicBool,
@@ -75,7 +77,12 @@ impl Inbox {
         if efd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Arc::new(Inbox { queue: Mutex::new(OutQueue::default()), efd, armed: Default::default() }))
+        Ok(Arc::new(Inbox {
+            queue: Mutex::new(OutQueue::default()),
+            expired: Mutex::new(Vec::new()),
+            efd,
+            armed: Default::default(),
+        }))
     }
 
     fn push(&self, slot: u32, gen: u8, label: u64, packet: &[u8]) -> bool {
@@ -95,6 +102,25 @@ impl Inbox {
             unsafe { libc::write(self.efd, (&one as *const u64).cast(), 8) };
         }
         true
+    }
+
+    /// Asks the worker to close the connection of `peer`, if it holds it (xdp expiry).
+    pub fn expire(&self, peer: SocketAddr) {
+        self.expired.lock().expect("inbox poisoned").push(peer);
+        self.wake();
+    }
+
+    /// Peers to close, taken.
+    pub fn take_expired(&self) -> Vec<SocketAddr> {
+        std::mem::take(&mut *self.expired.lock().expect("inbox poisoned"))
+    }
+
+    fn wake(&self) {
+        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.efd, (&one as *const u64).cast(), 8) };
+        }
     }
 
     /// Takes everything queued, leaving `spare` (cleared) in its place.
@@ -180,6 +206,11 @@ impl QuicBridge {
         if !self.inbound.deliver(route_addr(id), packet) {
             metrics::counter!(m::PACKETS_DROPPED, "reason" => "endpoint_queue_full").increment(1);
         }
+    }
+
+    /// The io_uring workers' inboxes (empty with the tokio backend).
+    pub fn uring_inboxes(&self) -> &[Arc<Inbox>] {
+        self.routes.uring.get().map_or(&[], |v| v.as_slice())
     }
 
     /// Registers the io_uring workers' inboxes (once, at start-up).

@@ -26,6 +26,8 @@ pub struct ConnHandle {
     deadline: AtomicU64,
     /// Woken by the sweep when the deadline passed.
     pub wake: Notify,
+    /// Set (before a wake) when the kernel reported the flow idle: close it.
+    pub kill: std::sync::atomic::AtomicBool,
 }
 
 impl ConnHandle {
@@ -165,7 +167,13 @@ impl Registry {
         let admission = self.admit_locked(&mut inner, peer)?;
         inner.next_id += 1;
         let id = inner.next_id;
-        let handle = Arc::new(ConnHandle { id, peer, deadline: AtomicU64::new(NEVER), wake: Notify::new() });
+        let handle = Arc::new(ConnHandle {
+            id,
+            peer,
+            deadline: AtomicU64::new(NEVER),
+            wake: Notify::new(),
+            kill: Default::default(),
+        });
         inner.conns.insert(id, handle.clone());
         Ok(Registration { registry: self.clone(), handle, admission })
     }
@@ -203,7 +211,8 @@ impl Registry {
     /// reports 4-tuples).
     pub fn find_peer(&self, peer: SocketAddr) -> Option<Arc<ConnHandle>> {
         let inner = self.inner.lock().expect("registry poisoned");
-        inner.conns.values().find(|c| c.peer == peer).cloned()
+        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        inner.conns.values().find(|c| canon(c.peer) == canon(peer)).cloned()
     }
 }
 

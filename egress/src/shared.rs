@@ -23,7 +23,7 @@ pub struct Shared {
     /// When the drain ends (Timestamp ms; 0 while not draining).
     pub drain_deadline: AtomicU64,
     /// Idle timeouts are enforced by the kernel (xdp mode): user space keeps no idle deadline.
-    pub kernel_liveness: bool,
+    pub kernel_liveness: std::sync::atomic::AtomicBool,
     pub stats: Arc<Stats>,
     /// Routes open on io_uring connections (the tokio backend's are in the QUIC bridge).
     pub uring_routes: std::sync::atomic::AtomicI64,
@@ -43,12 +43,17 @@ impl Shared {
             quic,
             drain: watch::channel(false).0,
             drain_deadline: AtomicU64::new(0),
-            kernel_liveness,
+            kernel_liveness: std::sync::atomic::AtomicBool::new(kernel_liveness),
             stats: Arc::new(Stats::default()),
             uring_routes: std::sync::atomic::AtomicI64::new(0),
             ids: AtomicU64::new(0),
             seed: std::collections::hash_map::RandomState::new(),
         }
+    }
+
+    /// Whether the kernel enforces idle timeouts (xdp mode is active).
+    pub fn kernel_liveness(&self) -> bool {
+        self.kernel_liveness.load(Ordering::Relaxed)
     }
 
     pub fn now(&self) -> Timestamp {
@@ -96,6 +101,9 @@ pub struct Stats {
     /// Per-connection deadline checks made by user space (the io_uring wheel); in xdp mode it
     /// stays at zero for idle, client-pinging connections.
     pub userspace_liveness_checks: AtomicU64,
+    /// Flows the kernel reported idle (xdp mode), and how many of them matched a connection.
+    pub xdp_expired: AtomicU64,
+    pub xdp_closed: AtomicU64,
     pub proxy_refusals: AtomicU64,
 }
 

@@ -203,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     fn publish_deadline(&self) {
         let cfg = &self.shared.session;
-        let t = match self.shared.kernel_liveness {
+        let t = match self.shared.kernel_liveness() {
             // The kernel watches idleness; user space keeps only the handshake, server-ping
             // and drain deadlines.
             true if self.session.is_open() && !self.session.server_pings() && !self.session.is_draining() => None,
@@ -214,6 +214,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     fn on_deadline(&mut self) -> Option<WsClose> {
         let now = self.shared.now();
+        if self.reg.handle.kill.swap(false, Ordering::Relaxed) && self.session.is_open() {
+            // The kernel saw this flow idle for the idle timeout (xdp mode).
+            let close = self.session.fail(ErrorCode::IDLE_TIMEOUT, "idle timeout (xdp)", &mut self.tx);
+            metrics::counter!(m::IDLE_CLOSES, "source" => "xdp").increment(1);
+            self.shared.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.xdp_closed.fetch_add(1, Ordering::Relaxed);
+            return Some(WsClose::from(&close));
+        }
         let before = self.tx.len();
         match self.session.on_timeout(&self.shared.session, now, &mut self.tx) {
             Ok(()) => {

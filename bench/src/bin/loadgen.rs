@@ -27,6 +27,9 @@ struct Args {
     /// Plain TCP connections (no WebSocket), for the floor row.
     #[arg(long)]
     tcp_only: bool,
+    /// Use this single source address instead of 127.0.B.x.
+    #[arg(long)]
+    bind: Option<std::net::Ipv4Addr>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -37,6 +40,9 @@ async fn main() {
     cfg.ping_interval = (a.ping_ms > 0).then(|| Duration::from_millis(a.ping_ms));
     cfg.announce_ping = !a.no_announce_ping;
     cfg.tcp_only = a.tcp_only;
+    if let Some(ip) = a.bind {
+        cfg.sources = vec![ip];
+    }
     let load = Load::start(cfg);
     let ok = load.wait_handshaked(a.conns as u64, Duration::from_secs(300)).await;
     let s = &load.stats;

@@ -56,8 +56,10 @@ pub struct Conn {
     pub flags: u8,
     /// Operations submitted and not yet finally completed.
     pub ops: u8,
-    /// Index of the peer's address in the worker's address table.
+    /// Index of the peer's address in the worker's address table, and its port (to find the
+    /// connection of a flow the kernel reports idle).
     pub ip: u32,
+    pub port: u16,
     /// Wheel tick this connection is filed at, or `wheel::NOT_FILED`.
     pub filed: u32,
     pub session: ServerSession,
@@ -75,6 +77,7 @@ impl Conn {
             flags: 0,
             ops: 0,
             ip: 0,
+            port: 0,
             filed: super::wheel::NOT_FILED,
             session: ServerSession::new(broflake_proto::Timestamp::ZERO),
             rx: None,

@@ -363,6 +363,7 @@ impl Worker {
         c.flags = if tls_conn.is_some() { F_TLS } else { 0 };
         c.ops = 0;
         c.ip = ip;
+        c.port = peer.port();
         c.filed = NOT_FILED;
         c.session = ServerSession::new(self.now);
         c.rx = None;
@@ -795,10 +796,39 @@ impl Worker {
         self.free.push(idx);
     }
 
+    /// Closes the connections of peers the kernel reported idle.
+    fn on_expired(&mut self) {
+        for peer in self.inbox.take_expired() {
+            let ip = peer.ip().to_canonical();
+            let Some(&(id, _)) = self.ips.ids.get(&ip) else { continue };
+            let found = (0..self.conns.len() as u32).find(|&i| {
+                let c = &self.conns[i as usize];
+                c.ip == id && c.port == peer.port() && c.state == State::Open
+            });
+            let Some(idx) = found else { continue };
+            let c = &mut self.conns[idx as usize];
+            let mut tx = Vec::new();
+            let close = c.session.fail(ErrorCode::IDLE_TIMEOUT, "idle timeout (xdp)", &mut tx);
+            if !tx.is_empty() {
+                let mut f = Vec::with_capacity(tx.len() + 4);
+                wscodec::frame_header(0x2, tx.len(), &mut f);
+                f.extend_from_slice(&tx);
+                self.queue_out(idx, &f);
+            }
+            metrics::counter!(m::IDLE_CLOSES, "source" => "xdp").increment(1);
+            self.shared.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.xdp_closed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => close.code.label()).increment(1);
+            self.begin_close(idx, Some((close.close_code(), close.reason.to_string())));
+        }
+    }
+
     /// QUIC packets for this worker's connections.
     fn on_inbox(&mut self) {
         let mut q = std::mem::take(&mut self.out);
+        // `take` re-arms the wake-up first, so anything queued after it wakes us again.
         self.inbox.take(&mut q);
+        self.on_expired();
         let mut frame = std::mem::take(&mut self.wsout);
         let mut i = 0;
         while i < q.items.len() {
@@ -845,7 +875,7 @@ impl Worker {
         let write = c.tx.as_ref().map(|t| t.since + self.shared.config.limits.write_timeout.as_millis() as u64);
         let session = match c.state {
             State::Upgrading | State::Open => {
-                let idle = !self.shared.kernel_liveness || !c.session.is_open() || c.session.server_pings();
+                let idle = !self.shared.kernel_liveness() || !c.session.is_open() || c.session.server_pings();
                 c.session.next_timeout_with(&self.shared.session, idle).map(|t| t.as_millis())
             }
             _ => None,
@@ -876,7 +906,9 @@ impl Worker {
                     continue;
                 }
                 c.filed = NOT_FILED;
-                checked += 1;
+                if c.session.is_open() {
+                    checked += 1;
+                }
                 if let Some(d) = self.deadline(idx) {
                     if d <= now.as_millis() {
                         self.on_deadline(idx);
@@ -890,6 +922,7 @@ impl Worker {
         }
         if checked > 0 {
             self.shared.stats.userspace_liveness_checks.fetch_add(checked, Ordering::Relaxed);
+            metrics::counter!(m::USERSPACE_CHECKS).increment(checked);
         }
         self.flush_frame_counts();
     }
