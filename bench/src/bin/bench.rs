@@ -49,10 +49,8 @@ fn floor(listen: std::net::SocketAddr) -> Result<()> {
     let l = std::net::TcpListener::bind(listen)?;
     eprintln!("listening on ws://{}", l.local_addr()?);
     let mut held = Vec::new();
-    for s in l.incoming() {
-        if let Ok(s) = s {
-            held.push(s);
-        }
+    for s in l.incoming().flatten() {
+        held.push(s);
     }
     Ok(())
 }
@@ -219,6 +217,7 @@ struct LoadOut {
 }
 
 /// Starts `n` connections split over processes of at most 9,000 (the per-process fd limit).
+#[allow(clippy::too_many_arguments)]
 fn start_load(
     bin: &Path,
     target: std::net::SocketAddr,
