@@ -148,7 +148,7 @@ impl ClientSession {
         }
     }
 
-    /// Writes HELLO (and, with grease on, an ignorable grease frame). Call right after the upgrade.
+    /// Writes HELLO. Call right after the upgrade.
     pub fn start(&mut self, cfg: &ClientConfig, now: Timestamp, tx: &mut Vec<u8>) {
         assert_eq!(self.state, State::Idle, "start called twice");
         let mut caps = cfg.capabilities.0;
@@ -181,9 +181,6 @@ impl ClientSession {
             extensions,
         })
         .encode(0, tx);
-        if cfg.grease {
-            grease::encode_frame(&mut self.rng, tx);
-        }
         self.state = State::AwaitWelcome;
         self.started = now;
     }
@@ -397,6 +394,10 @@ impl ClientSession {
                     self.negotiated = Some(n);
                     self.state = State::Open;
                     self.schedule_ping(cfg, now);
+                    if cfg.grease {
+                        // Grease frames only after the handshake (PROTOCOL.md §13).
+                        grease::encode_frame(&mut self.rng, tx);
+                    }
                     Ok(ClientEvent::Welcome(n))
                 }
                 Frame::Refuse { code, retry_after_ms, reason } => {

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod deploy;
 mod ebpf;
 mod setup;
 
@@ -43,6 +44,27 @@ enum Cmd {
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
     BuildEbpf,
+    /// Install the egress (binary, unit, sysctl, config, dashboards, rules, manifests) into a
+    /// root directory, or onto a host over ssh.
+    Deploy {
+        /// Install into this directory (a staging tree, an image build, or /).
+        #[arg(long, conflicts_with = "host")]
+        root: Option<PathBuf>,
+        /// Install on this host over ssh (user@host).
+        #[arg(long)]
+        host: Option<String>,
+        /// Print every step without doing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Use this binary instead of building target/release/egress.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Build a release tarball with the installed layout (target/dist/).
+    Dist {
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Build and run the egress with its embedded defaults (extra arguments go to the egress).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -63,6 +85,15 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Bench { full } => bench(full),
+        Cmd::Deploy { root, host, dry_run, binary } => {
+            let binary = release_binary(binary, dry_run)?;
+            match (root, host) {
+                (Some(root), None) => deploy::install_root(&root, &binary, dry_run),
+                (None, Some(host)) => deploy::install_host(&host, &binary, dry_run),
+                _ => bail!("give --root DIR or --host user@host"),
+            }
+        }
+        Cmd::Dist { binary } => deploy::dist(&release_binary(binary, false)?).map(drop),
         Cmd::BuildEbpf => {
             ebpf::ensure_toolchain()?;
             ebpf::build().map(drop)
@@ -109,6 +140,14 @@ fn test(fuzz_seconds: u64) -> Result<()> {
     sh(cargo().args(["test", "--workspace", "--doc"]))?;
     // Deployment material: unit, sysctl, rules (+ rule unit tests), dashboards, manifests.
     sh(Command::new("bash").arg("deploy/tests/check.sh").env("EGRESS_BIN", "target/debug/egress"))?;
+    // The browser relay, in real Chromium, against the real egress and native consumer.
+    setup::apt(&[("chromium", "chromium")])?;
+    sh(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir("web"))?;
+    sh(Command::new("node")
+        .args(["--test", "test/"])
+        .current_dir("web")
+        .env("EGRESS_BIN", "../target/debug/egress")
+        .env("BROFLAKE_BIN", "../target/debug/broflake"))?;
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds, &[])?;
     }
@@ -143,6 +182,19 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// The binary to install: the given one, or a fresh release build (with the XDP object).
+fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
+    if let Some(b) = given {
+        return Ok(b);
+    }
+    if !dry_run {
+        ebpf::ensure_toolchain()?;
+        ebpf::build()?;
+        sh(cargo().args(["build", "--release", "--bin", "egress"]))?;
+    }
+    Ok(PathBuf::from("target/release/egress"))
 }
 
 fn bench(full: bool) -> Result<()> {

@@ -185,6 +185,9 @@ fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16
             c
         }
     };
+    // Return freed memory to the OS at once, so RSS deltas measure what connections hold,
+    // not what start-up (e.g. loading the XDP object) allocated and freed.
+    cmd.env("MIMALLOC_PURGE_DELAY", "0");
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let addr = match wait_listening(&mut child) {
         Ok(a) => a,
@@ -320,7 +323,7 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
             let tcp = row.backend.is_none();
             let warm = start_load(bin, server.addr, 200, 0, true, tcp, 1, 1)?;
             warm.done(LoadOut::default())?;
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(1500));
             let (rss0, pss0, slab0) =
                 (procfs::rss_bytes(pid).unwrap_or(0), procfs::pss_bytes(pid).unwrap_or(0), procfs::slab());
             let mut load = start_load(bin, server.addr, n, 0, !row.server_ping, tcp, 600, 10)?;
