@@ -44,6 +44,9 @@ enum Cmd {
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
     BuildEbpf,
+    /// Build the release binaries with the XDP object embedded (installing the eBPF
+    /// toolchain when missing).
+    Build,
     /// Install the egress (binary, unit, sysctl, config, dashboards, rules, manifests) into a
     /// root directory, or onto a host over ssh.
     Deploy {
@@ -93,6 +96,11 @@ fn main() -> Result<()> {
                 _ => bail!("give --root DIR or --host user@host"),
             }
         }
+        Cmd::Build => {
+            ebpf::ensure_toolchain()?;
+            ebpf::build()?;
+            sh(cargo().args(["build", "--release", "--bins"]))
+        }
         Cmd::Dist { binary } => deploy::dist(&release_binary(binary, false)?).map(drop),
         Cmd::BuildEbpf => {
             ebpf::ensure_toolchain()?;
@@ -135,6 +143,8 @@ fn test(fuzz_seconds: u64) -> Result<()> {
     ebpf::build()?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // Tests start other packages' executables (loadgen, broflake, egress): build them all.
+    sh(cargo().args(["build", "--workspace", "--bins"]))?;
     sh(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     sh(cargo().args(["test", "--workspace", "--doc"]))?;
