@@ -41,7 +41,8 @@ pub struct TxQueue {
 /// Rarely needed parts.
 #[derive(Debug, Default)]
 pub struct Ext {
-    pub tls: Option<rustls::ServerConnection>,
+    /// Boxed on its own: it is large, and plain ws:// connections never need it.
+    pub tls: Option<Box<rustls::ServerConnection>>,
     /// Bytes of the upgrade request so far.
     pub request: Vec<u8>,
     /// A refusal decided at accept time, sent in-band after HELLO.

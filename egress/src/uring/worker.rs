@@ -351,7 +351,7 @@ impl Worker {
         };
         let tls_conn = if tls {
             match self.wss.as_ref().map(|c| rustls::ServerConnection::new(c.clone())) {
-                Some(Ok(t)) => Some(t),
+                Some(Ok(t)) => Some(Box::new(t)),
                 _ => None,
             }
         } else {
@@ -490,7 +490,7 @@ impl Worker {
     }
 
     fn tls(&mut self, idx: u32) -> Option<&mut rustls::ServerConnection> {
-        self.conns[idx as usize].ext.as_mut().and_then(|e| e.tls.as_mut())
+        self.conns[idx as usize].ext.as_mut().and_then(|e| e.tls.as_deref_mut())
     }
 
     fn on_plain(&mut self, idx: u32, data: &mut [u8]) {
@@ -641,7 +641,7 @@ impl Worker {
         if matches!(c.state, State::Zombie | State::Free) {
             return;
         }
-        let tls = c.ext.as_mut().and_then(|e| e.tls.as_mut());
+        let tls = c.ext.as_mut().and_then(|e| e.tls.as_deref_mut());
         if tls.is_none() && bytes.is_empty() {
             return;
         }
