@@ -185,11 +185,15 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
         std::fs::create_dir_all(&scratch)?;
         let seed = PathBuf::from(format!("fuzz/corpus/{t}"));
         std::fs::create_dir_all(&seed)?;
-        sh(cargo().args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", t]).arg(&scratch).arg(&seed).args([
-            "--",
-            &format!("-max_total_time={seconds}"),
-            "-print_final_stats=1",
-        ]))?;
+        // Through rustup: `cargo xtask` runs with CARGO pointing at the stable cargo binary,
+        // which does not understand `+nightly`; cargo-fuzz must not inherit it either.
+        sh(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", "--fuzz-dir", "fuzz", t])
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .arg(&scratch)
+            .arg(&seed)
+            .args(["--", &format!("-max_total_time={seconds}"), "-print_final_stats=1"]))?;
     }
     Ok(())
 }
