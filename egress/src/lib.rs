@@ -15,9 +15,9 @@ pub mod registry;
 pub mod shared;
 pub mod tls;
 pub mod tokio_io;
-pub mod upgrade;
+pub use broflake_wscodec::upgrade;
 pub mod uring;
-pub mod wscodec;
+pub use broflake_wscodec as wscodec;
 pub mod xdp;
 
 use anyhow::{Context, Result};

@@ -1,10 +1,12 @@
 //! WebSocket (RFC 6455) server-side framing, parsed in place over receive buffers, and the
-//! HTTP upgrade, for the io_uring backend. Sans-IO: bytes in, events and bytes out.
+//! HTTP upgrade, for the egress's io_uring backend (and its fuzz targets). Sans-IO: bytes in,
+//! events and bytes out.
 //!
 //! Frames are unmasked where they lie; a frame is copied only while it is incomplete (the
 //! partial-frame buffer exists only then), and a message only while fragmented.
 
-use crate::upgrade;
+pub mod upgrade;
+
 use broflake_proto::binding::Selected;
 
 /// Why a connection is being closed at the WebSocket level: close code and reason.
@@ -333,7 +335,7 @@ pub fn upgrade(buf: &[u8], path: &str, min_version: u64, max_version: u64) -> Up
             return refusal(r.status, text, &r.reason, r.label);
         }
     };
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    let accept = tungstenite::handshake::derive_accept_key(key);
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
         selected.token()
