@@ -27,6 +27,31 @@ pub const PROXY_DIALS: &str = "broflake_proxy_dials_total";
 pub const PROXY_BYTES: &str = "broflake_proxy_bytes_total";
 pub const DRAINING: &str = "broflake_draining";
 pub const BUILD_INFO: &str = "broflake_build_info";
+
+/// Values of the `type` label of the frame counters: the v1 frame types by number
+/// (index = type), then unknown types, then undecodable frames.
+pub const FRAME_TYPES: [&str; 12] = [
+    "padding",
+    "hello",
+    "welcome",
+    "refuse",
+    "ping",
+    "pong",
+    "goaway",
+    "error",
+    "data",
+    "route_close",
+    "unknown",
+    "invalid",
+];
+/// Index of unknown frame types and of undecodable frames in [`FRAME_TYPES`].
+pub const FRAME_UNKNOWN: usize = 10;
+pub const FRAME_INVALID: usize = 11;
+
+/// Index of a frame type in [`FRAME_TYPES`] (no string work on the per-frame path).
+pub fn frame_index(frame_type: u64) -> usize {
+    usize::try_from(frame_type).ok().filter(|t| *t < FRAME_UNKNOWN).unwrap_or(FRAME_UNKNOWN)
+}
 pub const OPEN_FDS: &str = "broflake_open_fds";
 pub const MAX_FDS: &str = "broflake_max_fds";
 pub const XDP_FLOWS: &str = "broflake_xdp_flows";
@@ -75,20 +100,7 @@ fn zero_series() {
     for result in ["accepted", "refused"] {
         counter!(HANDSHAKES, "result" => result).increment(0);
     }
-    for t in [
-        "padding",
-        "hello",
-        "welcome",
-        "refuse",
-        "ping",
-        "pong",
-        "goaway",
-        "error",
-        "data",
-        "route_close",
-        "unknown",
-        "invalid",
-    ] {
+    for t in FRAME_TYPES {
         counter!(FRAMES_RECEIVED, "type" => t).increment(0);
         counter!(FRAMES_SENT, "type" => t).increment(0);
     }

@@ -199,14 +199,6 @@ impl Registry {
         woken
     }
 
-    /// Wakes every connection (used when draining starts).
-    pub fn wake_all(&self) {
-        let inner = self.inner.lock().expect("registry poisoned");
-        for c in inner.conns.values() {
-            c.wake.notify_one();
-        }
-    }
-
     /// The connection with exactly this peer address, if any (for kernel-side expiry, which
     /// reports 4-tuples).
     pub fn find_peer(&self, peer: SocketAddr) -> Option<Arc<ConnHandle>> {

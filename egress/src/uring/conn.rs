@@ -23,8 +23,6 @@ pub enum State {
 pub const F_READ_ARMED: u8 = 1;
 pub const F_SEND_INFLIGHT: u8 = 2;
 pub const F_TLS: u8 = 4;
-/// Counted in the per-thread route total (the session has routes).
-pub const F_ROUTED: u8 = 8;
 
 /// What is waiting to be sent.
 #[derive(Debug, Default)]

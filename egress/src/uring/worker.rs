@@ -1,7 +1,7 @@
 //! One io_uring worker thread: its ring, listeners, connection table, timer wheel.
 
 use super::bufring::BufRing;
-use super::conn::{Conn, Ext, Slab, State, TxQueue, F_READ_ARMED, F_ROUTED, F_SEND_INFLIGHT, F_TLS};
+use super::conn::{Conn, Ext, Slab, State, TxQueue, F_READ_ARMED, F_SEND_INFLIGHT, F_TLS};
 use super::wheel::{Wheel, NOT_FILED};
 use super::ReadMode;
 use crate::metrics as m;
@@ -111,31 +111,9 @@ pub struct Worker {
     draining: bool,
     rearm_accept: Vec<usize>,
     cqes: Vec<(u64, i32, u32)>,
-    frames_rx: [u64; 12],
-    frames_tx: [u64; 12],
+    frames_rx: [u64; m::FRAME_TYPES.len()],
+    frames_tx: [u64; m::FRAME_TYPES.len()],
 }
-
-fn frame_slot(name: &str) -> usize {
-    ["padding", "hello", "welcome", "refuse", "ping", "pong", "goaway", "error", "data", "route_close", "unknown"]
-        .iter()
-        .position(|n| *n == name)
-        .unwrap_or(10)
-}
-
-const FRAME_NAMES: [&str; 12] = [
-    "padding",
-    "hello",
-    "welcome",
-    "refuse",
-    "ping",
-    "pong",
-    "goaway",
-    "error",
-    "data",
-    "route_close",
-    "unknown",
-    "invalid",
-];
 
 impl Worker {
     pub fn new(
@@ -862,7 +840,7 @@ impl Worker {
             frame.clear();
             wscodec::frame_header(0x2, bytes.len(), &mut frame);
             frame.extend_from_slice(bytes);
-            self.frames_tx[8] += n;
+            self.frames_tx[m::frame_index(frame::types::DATA)] += n;
             self.queue_out(slot, &frame);
         }
         self.wsout = frame;
@@ -995,7 +973,7 @@ impl Worker {
     }
 
     fn flush_frame_counts(&mut self) {
-        for (i, name) in FRAME_NAMES.iter().enumerate() {
+        for (i, name) in m::FRAME_TYPES.iter().enumerate() {
             if self.frames_rx[i] > 0 {
                 metrics::counter!(m::FRAMES_RECEIVED, "type" => *name).increment(self.frames_rx[i]);
                 self.frames_rx[i] = 0;
@@ -1033,8 +1011,8 @@ fn handle_binary(
     thread: u8,
     idx: u32,
     gen: u8,
-    frames_rx: &mut [u64; 12],
-    frames_tx: &mut [u64; 12],
+    frames_rx: &mut [u64; m::FRAME_TYPES.len()],
+    frames_tx: &mut [u64; m::FRAME_TYPES.len()],
 ) -> Result<(), Close> {
     metrics::counter!(m::BYTES_RECEIVED).increment(msg.len() as u64);
     let cfg = &shared.session;
@@ -1044,14 +1022,14 @@ fn handle_binary(
         let decoded = match frame::decode(rest, limit) {
             Ok(d) => d,
             Err(e) => {
-                frames_rx[11] += 1;
+                frames_rx[m::FRAME_INVALID] += 1;
                 return Err(conn.session.decode_error(&e, tx));
             }
         };
         rest = &rest[decoded.len..];
-        frames_rx[frame_slot(decoded.frame.name())] += 1;
+        frames_rx[m::frame_index(decoded.frame.frame_type())] += 1;
         if matches!(decoded.frame, Frame::Ping { .. }) {
-            frames_tx[5] += 1;
+            frames_tx[m::frame_index(frame::types::PONG)] += 1;
         }
         match conn.session.handle_frame(cfg, now, decoded, tx)? {
             ServerEvent::Hello { hello, .. } => {
@@ -1072,7 +1050,7 @@ fn handle_binary(
                 if conn.ext.as_ref().is_some_and(|e| e.tls.is_none() && e.refusal.is_none()) {
                     conn.ext = None;
                 }
-                frames_tx[2] += 1;
+                frames_tx[m::frame_index(frame::types::WELCOME)] += 1;
                 shared.stats.handshakes.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::HANDSHAKES, "result" => "accepted").increment(1);
             }
@@ -1081,7 +1059,6 @@ fn handle_binary(
                     conn.session.close_route(label, ErrorCode::ROUTE_LIMIT, tx);
                     continue;
                 }
-                conn.flags |= F_ROUTED;
                 let id = uring_route::encode(thread, idx, gen, label);
                 shared.quic.deliver(id, Bytes::copy_from_slice(packet));
             }
