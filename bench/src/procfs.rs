@@ -12,15 +12,34 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
     s.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
-/// User + system CPU seconds `pid` has used (all threads).
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU seconds `pid` has used (all threads), split into user space and kernel (system).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for CpuTimes {
+    type Output = CpuTimes;
+    fn sub(self, o: CpuTimes) -> CpuTimes {
+        CpuTimes { user: self.user - o.user, system: self.system - o.system }
+    }
+}
+
+pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / hz)
+    Some(CpuTimes { user: utime / hz, system: stime / hz })
 }
 
 /// Voluntary + involuntary context switches of every thread of `pid` (a proxy for wakeups).

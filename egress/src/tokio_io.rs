@@ -5,6 +5,7 @@
 use crate::metrics as m;
 use crate::registry::{Admission, Registration};
 use crate::shared::{Shared, WsClose};
+use crate::wscodec;
 use broflake_proto::frame::{self, Frame};
 use broflake_proto::{Close, ErrorCode, ServerEvent, ServerSession};
 use bytes::Bytes;
@@ -13,13 +14,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
@@ -86,48 +85,83 @@ pub fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_frame_size(Some(l.max_message_size as usize))
 }
 
-async fn connection<S>(stream: S, peer: SocketAddr, reg: Registration, shared: Arc<Shared>)
+async fn connection<S>(mut stream: S, peer: SocketAddr, reg: Registration, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // The same upgrade parser and bounds as the io_uring backend (8 KiB head, one deadline
+    // from accept however slowly the bytes come), then tungstenite for the framing.
     let cfg = &shared.config;
-    let path = cfg.listen.path.clone();
-    let (min_v, max_v) = (shared.session.min_version, shared.session.max_version);
-    let mut refused_label = None;
-    #[allow(clippy::result_large_err)] // the signature is tungstenite's
-    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        let protocols = req.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok());
-        match crate::upgrade::check(req.uri().path(), &path, protocols, min_v, max_v) {
-            Ok(selected) => {
-                let token = HeaderValue::from_str(&selected.token()).expect("token is a valid header");
-                resp.headers_mut().insert("sec-websocket-protocol", token);
-                Ok(resp)
-            }
-            Err(r) => {
-                refused_label = Some(r.label);
-                let mut e = ErrorResponse::new(Some(format!("{}\n", r.reason)));
-                *e.status_mut() = StatusCode::from_u16(r.status).expect("valid status");
-                e.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
-                Err(e)
-            }
-        }
-    };
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(&shared)));
-    let ws = match tokio::time::timeout(cfg.liveness.handshake_timeout, accept).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            let label = refused_label.unwrap_or("bad_request");
-            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => label).increment(1);
-            tracing::debug!(%peer, error = %e, "upgrade refused");
-            return;
-        }
+    let head = tokio::time::timeout(cfg.liveness.handshake_timeout, read_upgrade(&mut stream, &shared)).await;
+    let (response, rest) = match head {
         Err(_) => {
             metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout").increment(1);
             tracing::debug!(%peer, "upgrade timed out");
+            refuse(stream, &wscodec::request_timeout_response()).await;
             return;
         }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended during the upgrade");
+            return;
+        }
+        Ok(Ok((wscodec::Upgrade::Refuse { response, label }, _))) => {
+            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => label).increment(1);
+            tracing::debug!(%peer, reason = label, "upgrade refused");
+            refuse(stream, &response).await;
+            return;
+        }
+        Ok(Ok((wscodec::Upgrade::Accept { response, used, .. }, buf))) => (response, buf[used..].to_vec()),
+        Ok(Ok((wscodec::Upgrade::Partial, _))) => unreachable!("read_upgrade returns a verdict"),
     };
+    match tokio::time::timeout(cfg.limits.write_timeout, stream.write_all(&response)).await {
+        Ok(Ok(())) => {}
+        _ => return,
+    }
+    let ws = WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config(&shared))).await;
     Conn::new(ws, reg, shared).run().await;
+}
+
+/// Reads until the request head is complete or refused (never past the 8 KiB bound).
+async fn read_upgrade<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    shared: &Shared,
+) -> std::io::Result<(wscodec::Upgrade, Vec<u8>)> {
+    let (path, s) = (&shared.config.listen.path, &shared.session);
+    let mut buf = vec![0u8; wscodec::MAX_REQUEST_HEAD + 1];
+    let mut len = 0;
+    loop {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        len += n;
+        match wscodec::upgrade(&buf[..len], path, s.min_version, s.max_version) {
+            wscodec::Upgrade::Partial => continue,
+            verdict => {
+                buf.truncate(len);
+                return Ok((verdict, buf));
+            }
+        }
+    }
+}
+
+/// Sends a refusal and closes, reading (and discarding, bounded) what the client still sends
+/// so that its kernel does not answer our close with a reset that would eat the response.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, response: &[u8]) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        stream.write_all(response).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 256 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
 }
 
 /// One connection's state in the tokio backend.
@@ -307,7 +341,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "text_message").increment(1);
                 return Err(WsClose { code: 1003, reason: "text messages are not allowed".into() });
             }
-            Message::Ping(_) | Message::Pong(_) => {
+            Message::Ping(_) => {
+                // tungstenite answers it; the session rate-limits it like a PING frame.
+                return self.session.ws_ping(&self.shared.session, now, &mut self.tx).map_err(|c| self.closing(c));
+            }
+            Message::Pong(_) => {
                 self.session.touch(now);
                 return Ok(());
             }

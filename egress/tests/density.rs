@@ -94,7 +94,8 @@ async fn ten_thousand_idle_connections_cost_less_than_256_bytes_each_in_user_spa
 }
 
 /// A client that floods WebSocket pings and never reads: the egress must not queue replies
-/// without bound; it drops the peer instead.
+/// without bound. The ping rate limit (shared with PING frames) closes it long before the
+/// per-connection output cap (1 MiB) would drop it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_reading_cannot_make_the_egress_buffer_without_bound() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -141,8 +142,8 @@ async fn a_peer_that_stops_reading_cannot_make_the_egress_buffer_without_bound()
         let after = procfs::rss_bytes(pid).unwrap();
         let growth = after.saturating_sub(before);
         eprintln!("{backend}: {sent} pings sent, peer closed: {closed}, egress RSS grew {growth} bytes");
-        // Bounded by the per-connection output cap (1 MiB) plus allocator granularity; without
-        // the cap the same flood grew the egress by over 60 MiB.
+        // Bounded by the rate limit and the output cap plus allocator granularity; with neither,
+        // the same flood grew the egress by over 60 MiB.
         assert!(growth < 16 << 20, "{backend}: RSS grew {growth} bytes");
         assert!(closed || sent < 200_000, "{backend}: the flood was neither cut off nor pushed back");
         drop(s);

@@ -254,6 +254,18 @@ impl ServerSession {
         }
     }
 
+    /// A WebSocket-level ping arrived (the I/O layer answers it). It counts as traffic and
+    /// draws on the same token bucket as PING frames once the session is open, so a flood of
+    /// WebSocket pings is closed like a flood of PINGs (RATE_LIMITED).
+    pub fn ws_ping(&mut self, cfg: &ServerConfig, now: Timestamp, tx: &mut Vec<u8>) -> Result<(), Close> {
+        if !self.is_open() {
+            return Ok(());
+        }
+        self.touch(now);
+        self.take_ping_token(cfg, now)
+            .map_err(|()| self.fail(ErrorCode::RATE_LIMITED, "websocket ping rate limit exceeded", tx))
+    }
+
     /// Runs deadlines: handshake timeout, idle timeout, end of drain, server pings.
     pub fn on_timeout(&mut self, cfg: &ServerConfig, now: Timestamp, tx: &mut Vec<u8>) -> Result<(), Close> {
         match self.state {

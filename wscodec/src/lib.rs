@@ -286,6 +286,14 @@ fn refusal(status: u16, text: &str, reason: &str, label: &'static str) -> Upgrad
     Upgrade::Refuse { response: response.into_bytes(), label }
 }
 
+/// The response to a client that did not complete its upgrade request in time.
+pub fn request_timeout_response() -> Vec<u8> {
+    match refusal(408, "Request Timeout", "upgrade request not completed in time", "timeout") {
+        Upgrade::Refuse { response, .. } => response,
+        _ => unreachable!("refusal() builds a refusal"),
+    }
+}
+
 /// Parses an HTTP upgrade request from the bytes received so far.
 pub fn upgrade(buf: &[u8], path: &str, min_version: u64, max_version: u64) -> Upgrade {
     let mut headers = [httparse::EMPTY_HEADER; 32];

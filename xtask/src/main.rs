@@ -40,6 +40,9 @@ enum Cmd {
     Bench {
         #[arg(long)]
         full: bool,
+        /// Only these rows, comma-separated (the floor row always runs).
+        #[arg(long)]
+        rows: Option<String>,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -87,7 +90,7 @@ fn main() -> Result<()> {
             fuzz(seconds, &targets)
         }
         Cmd::Run { args } => run(&args),
-        Cmd::Bench { full } => bench(full),
+        Cmd::Bench { full, rows } => bench(full, rows),
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
             match (root, host) {
@@ -211,8 +214,11 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(full: bool) -> Result<()> {
+fn bench(full: bool, rows: Option<String>) -> Result<()> {
     setup::apt(&[("curl", "curl")])?;
+    // The uring+xdp row needs the XDP program embedded in the egress.
+    ebpf::ensure_toolchain()?;
+    ebpf::build()?;
     sh(cargo().args([
         "build",
         "--release",
@@ -227,6 +233,9 @@ fn bench(full: bool) -> Result<()> {
     let mut args: Vec<String> = vec!["target/release/bench".into(), "run".into()];
     if full {
         args.push("--full".into());
+    }
+    if let Some(rows) = rows {
+        args.extend(["--rows".into(), rows]);
     }
     // In a network namespace of its own: the XDP row attaches to that namespace's loopback,
     // never to the host's interfaces.

@@ -31,6 +31,9 @@ enum Cmd {
         /// Directory with the release binaries (egress, loadgen, broflake).
         #[arg(long, default_value = "target/release")]
         bin: PathBuf,
+        /// Only these rows (comma-separated names; the floor row always runs).
+        #[arg(long, value_delimiter = ',')]
+        rows: Vec<String>,
     },
     Floor {
         #[arg(long)]
@@ -41,7 +44,13 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
-        Cmd::Run { full, out, bin } => run(full, &out, &bin),
+        Cmd::Run { full, out, bin, rows } => {
+            if let Some(bad) = rows.iter().find(|r| !ROWS.iter().any(|x| x.name == r.as_str())) {
+                let names: Vec<&str> = ROWS.iter().map(|x| x.name).collect();
+                bail!("no row named {bad:?}; rows: {}", names.join(", "));
+            }
+            run(full, &out, &bin, &rows)
+        }
     }
 }
 
@@ -89,8 +98,12 @@ struct RowResult {
     row: String,
     skipped: Option<String>,
     points: Vec<Point>,
-    /// Server CPU seconds per 1,000 PING exchanges (client PINGs, or server pings).
+    /// Server CPU seconds (user + system) per 1,000 PING exchanges (client PINGs, or server pings).
     cpu_sec_per_1000_pings: Option<f64>,
+    /// The user-space part of it: the egress's own code, which the design can change.
+    user_cpu_sec_per_1000_pings: Option<f64>,
+    /// The kernel part of it (TCP receive and send, syscalls, XDP in softirq when accounted here).
+    system_cpu_sec_per_1000_pings: Option<f64>,
     pings: u64,
     wakeups_per_sec_pinging: Option<f64>,
     rtt_p50_us: Option<u64>,
@@ -307,7 +320,7 @@ fn slab_total(s: &std::collections::BTreeMap<String, u64>) -> u64 {
     s.values().sum()
 }
 
-fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
+fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
     let ns: Vec<usize> = if full { vec![2000, 5000, 10_000, 19_000] } else { vec![500, 2000] };
     let window = if full { 15 } else { 4 };
     let ping_ms: u64 = if full { 5000 } else { 2000 };
@@ -315,6 +328,9 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
     let mut results = Vec::new();
     let mut port = 24_000u16;
     for row in ROWS {
+        if row.backend.is_some() && !only.is_empty() && !only.iter().any(|r| r == row.name) {
+            continue;
+        }
         eprintln!("== {}", row.name);
         let mut r = RowResult { row: row.name.into(), ..RowResult::default() };
         // Memory, ramp and idle wakeups at each N (silent connections; long idle timeout).
@@ -369,10 +385,11 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
         let client_ping = if row.server_ping { 0 } else { ping_ms };
         let mut load = start_load(bin, server.addr, n, client_ping, !row.server_ping, false, window + 2, 30)?;
         let ready = load.ready()?;
-        let (cpu0, cs0) = (procfs::cpu_seconds(pid).unwrap_or(0.0), procfs::context_switches(pid).unwrap_or(0));
+        let (cpu0, cs0) = (procfs::cpu_times(pid).unwrap_or_default(), procfs::context_switches(pid).unwrap_or(0));
         let t = Instant::now();
         let done = load.done(ready)?;
-        let (cpu1, cs1) = (procfs::cpu_seconds(pid).unwrap_or(0.0), procfs::context_switches(pid).unwrap_or(0));
+        let (cpu1, cs1) = (procfs::cpu_times(pid).unwrap_or_default(), procfs::context_switches(pid).unwrap_or(0));
+        let cpu = cpu1 - cpu0;
         let pings = if row.server_ping {
             // Server pings are counted by the clients answering them (loadgen idle mode).
             done.pings.max((n as u64) * window / (ping_ms / 1000).max(1))
@@ -380,13 +397,19 @@ fn run(full: bool, out: &Path, bin: &Path) -> Result<()> {
             done.pings
         };
         r.pings = pings;
-        r.cpu_sec_per_1000_pings = (pings > 0).then(|| (cpu1 - cpu0) / (pings as f64 / 1000.0));
+        let per_1000 = |secs: f64| (pings > 0).then(|| secs / (pings as f64 / 1000.0));
+        r.cpu_sec_per_1000_pings = per_1000(cpu.total());
+        r.user_cpu_sec_per_1000_pings = per_1000(cpu.user);
+        r.system_cpu_sec_per_1000_pings = per_1000(cpu.system);
         r.wakeups_per_sec_pinging = Some((cs1 - cs0) as f64 / t.elapsed().as_secs_f64());
         if !row.server_ping {
             r.rtt_p50_us = Some(done.rtt_p50);
             r.rtt_p99_us = Some(done.rtt_p99);
         }
-        eprintln!("   pings {pings}, cpu {:.3}s, {:?}", cpu1 - cpu0, r.cpu_sec_per_1000_pings);
+        eprintln!(
+            "   pings {pings}, cpu user {:.3}s system {:.3}s; per 1k: user {:?} total {:?}",
+            cpu.user, cpu.system, r.user_cpu_sec_per_1000_pings, r.cpu_sec_per_1000_pings
+        );
         drop(server);
         // Idle reaping: 1,000 silent and 1,000 pinging connections, idle timeout 4 s.
         if !row.server_ping {
@@ -461,19 +484,22 @@ fn markdown(r: &Results) -> String {
         r.machine, r.cores, r.kernel, r.mode, r.ns, r.ping_interval_ms, r.window_secs
     ));
     let floor_total = r.rows[0].server_total_bytes_per_conn.unwrap_or(0.0);
-    let tokio_sp = r.rows.iter().find(|x| x.row == "tokio+server-ping").and_then(|x| x.cpu_sec_per_1000_pings);
-    s.push_str("| row | user B/conn | slab B/conn (client+server) | server total B/conn | × floor | handshakes/s | idle wakeups/s | CPU s per 1k PINGs | × cheaper than tokio+server-ping | RTT p50/p99 µs | idle reaping |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let tokio_sp = r.rows.iter().find(|x| x.row == "tokio+server-ping");
+    let (tokio_user, tokio_total) =
+        (tokio_sp.and_then(|x| x.user_cpu_sec_per_1000_pings), tokio_sp.and_then(|x| x.cpu_sec_per_1000_pings));
+    s.push_str("| row | user B/conn | slab B/conn (client+server) | server total B/conn | × floor | handshakes/s | idle wakeups/s | user CPU ms per 1k PINGs | system CPU ms per 1k PINGs | user CPU × below tokio+server-ping | total CPU × below tokio+server-ping | RTT p50/p99 µs | idle reaping |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for row in &r.rows {
         if let Some(why) = &row.skipped {
-            s.push_str(&format!("| {} | skipped: {} |||||||||||\n", row.row, why.lines().next().unwrap_or("")));
+            s.push_str(&format!("| {} | skipped: {} |||||||||||||\n", row.row, why.lines().next().unwrap_or("")));
             continue;
         }
         let p = row.points.last().cloned().unwrap_or_default();
         let ratio = row.server_total_bytes_per_conn.map(|t| t / floor_total.max(1.0));
-        let cheaper = match (tokio_sp, row.cpu_sec_per_1000_pings) {
+        let below = |base: Option<f64>, this: Option<f64>| match (base, this) {
             (Some(b), Some(c)) if c > 0.0 => Some(b / c),
             _ => None,
         };
+        let ms = |v: Option<f64>| v.map(|v| v * 1000.0);
         let reap = match (row.reap_idle_closed, row.reap_idle_total, row.reap_latest_close_ms, row.reap_live_closed) {
             (Some(c), Some(t), Some(ms), Some(live)) => format!(
                 "{c}/{t} idle closed by {ms} ms (deadline {} ms); {live} live closed",
@@ -482,7 +508,7 @@ fn markdown(r: &Results) -> String {
             _ => "n/a".into(),
         };
         s.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.0} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             row.row,
             p.user_bytes_per_conn,
             p.slab_bytes_per_conn,
@@ -490,8 +516,10 @@ fn markdown(r: &Results) -> String {
             fmt(ratio, 2),
             p.handshakes_per_sec,
             p.idle_wakeups_per_sec,
-            fmt(row.cpu_sec_per_1000_pings, 4),
-            fmt(cheaper, 1),
+            fmt(ms(row.user_cpu_sec_per_1000_pings), 2),
+            fmt(ms(row.system_cpu_sec_per_1000_pings), 2),
+            fmt(below(tokio_user, row.user_cpu_sec_per_1000_pings), 1),
+            fmt(below(tokio_total, row.cpu_sec_per_1000_pings), 1),
             match (row.rtt_p50_us, row.rtt_p99_us) {
                 (Some(a), Some(b)) => format!("{a}/{b}"),
                 _ => "n/a".into(),
@@ -561,11 +589,17 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     let path = out.join("cpu_per_ping.svg");
     let root = SVGBackend::new(&path, (800, 400)).into_drawing_area();
     root.fill(&WHITE)?;
-    let bars: Vec<(String, f64)> =
-        r.rows.iter().filter_map(|x| x.cpu_sec_per_1000_pings.map(|c| (x.row.clone(), c * 1000.0))).collect();
-    let max = bars.iter().map(|b| b.1).fold(0.001, f64::max);
+    // Stacked: user space (the egress's own code) below, kernel (system) above.
+    let bars: Vec<(String, f64, f64)> = r
+        .rows
+        .iter()
+        .filter_map(|x| {
+            Some((x.row.clone(), x.user_cpu_sec_per_1000_pings? * 1000.0, x.system_cpu_sec_per_1000_pings? * 1000.0))
+        })
+        .collect();
+    let max = bars.iter().map(|b| b.1 + b.2).fold(0.001, f64::max);
     let mut chart = ChartBuilder::on(&root)
-        .caption("Server CPU milliseconds per 1,000 PINGs", ("sans-serif", 18))
+        .caption("Server CPU milliseconds per 1,000 PINGs (user below, system above)", ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(60)
@@ -576,9 +610,19 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
         .x_label_formatter(&|i| bars.get(*i).map(|b| b.0.clone()).unwrap_or_default())
         .y_desc("ms CPU per 1,000 PINGs")
         .draw()?;
-    chart.draw_series(
-        bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())),
-    )?;
+    chart
+        .draw_series(
+            bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, 0.0), (i + 1, b.1)], BLUE.mix(0.6).filled())),
+        )?
+        .label("user")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], BLUE.mix(0.6).filled()));
+    chart
+        .draw_series(
+            bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i, b.1), (i + 1, b.1 + b.2)], RED.mix(0.4).filled())),
+        )?
+        .label("system")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], RED.mix(0.4).filled()));
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     root.present()?;
     Ok(())
 }

@@ -546,7 +546,13 @@ impl Worker {
                 r.map_err(End::Close)
             }
             WsEvent::Ping(p) => {
-                conn.session.touch(now);
+                if let Err(close) = conn.session.ws_ping(&shared.session, now, tx) {
+                    // The ERROR frame the session wrote goes out before the close.
+                    wscodec::frame_header(0x2, tx.len(), wsout);
+                    wsout.extend_from_slice(tx);
+                    tx.clear();
+                    return Err(End::Close(close));
+                }
                 wscodec::frame_header(0xA, p.len(), wsout);
                 wsout.extend_from_slice(p);
                 Ok(())
@@ -915,6 +921,16 @@ impl Worker {
             return;
         }
         if c.state == State::Closing {
+            return;
+        }
+        if c.state == State::Upgrading {
+            // No WebSocket yet: the answer is HTTP (over TLS once it is up), never a close frame.
+            metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout").increment(1);
+            let tls_up = c.ext.as_ref().and_then(|e| e.tls.as_deref()).is_none_or(|t| !t.is_handshaking());
+            if tls_up {
+                self.queue_out(idx, &wscodec::request_timeout_response());
+            }
+            self.begin_close(idx, None);
             return;
         }
         let server_pings = c.session.server_pings();
