@@ -54,7 +54,9 @@ impl Wheel {
         }
     }
 
-    pub fn granularity_ms(&self) -> u64 {
-        self.granularity_ms
+    /// How long until the next tick is due: the loop sleeps exactly that long, so a tick is
+    /// handled at its boundary, not up to a whole tick late.
+    pub fn ms_to_next_tick(&self, now_ms: u64) -> u64 {
+        ((self.current + 1) * self.granularity_ms).saturating_sub(now_ms).clamp(1, self.granularity_ms)
     }
 }

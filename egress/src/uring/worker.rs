@@ -111,8 +111,9 @@ pub struct Worker {
     draining: bool,
     rearm_accept: Vec<usize>,
     cqes: Vec<(u64, i32, u32)>,
-    frames_rx: [u64; m::FRAME_TYPES.len()],
-    frames_tx: [u64; m::FRAME_TYPES.len()],
+    counts: Counts,
+    /// When `counts` last went to `metrics` (ms).
+    counts_flushed: u64,
 }
 
 impl Worker {
@@ -160,8 +161,8 @@ impl Worker {
             draining: false,
             rearm_accept: Vec::new(),
             cqes: Vec::with_capacity(512),
-            frames_rx: [0; 12],
-            frames_tx: [0; 12],
+            counts: Counts::default(),
+            counts_flushed: 0,
         })
     }
 
@@ -181,13 +182,13 @@ impl Worker {
             self.arm_accept(i);
         }
         self.arm_eventfd();
-        let tick = std::time::Duration::from_millis(self.wheel.granularity_ms());
-        let ts = types::Timespec::new().sec(tick.as_secs()).nsec(tick.subsec_nanos());
         loop {
             if self.stop.load(Ordering::Acquire) {
                 self.shutdown();
                 return;
             }
+            let wait = std::time::Duration::from_millis(self.wheel.ms_to_next_tick(self.shared.now().as_millis()));
+            let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
@@ -528,7 +529,7 @@ impl Worker {
         let now = self.now;
         let thread = self.thread;
         let max_message = self.shared.config.limits.max_message_size as usize;
-        let Worker { conns, shared, tx, wsout, frames_rx, frames_tx, .. } = self;
+        let Worker { conns, shared, tx, wsout, counts, .. } = self;
         let conn = &mut conns[idx as usize];
         let gen = conn.gen;
         let mut rx = conn.rx.take().map(|b| *b).unwrap_or_default();
@@ -537,7 +538,7 @@ impl Worker {
         wsout.clear();
         let r = wscodec::feed(&mut rx, data, max_message, |ev| match ev {
             WsEvent::Binary(msg) => {
-                let r = handle_binary(conn, shared, now, msg, tx, thread, idx, gen, frames_rx, frames_tx);
+                let r = handle_binary(conn, shared, now, msg, tx, thread, idx, gen, counts);
                 if !tx.is_empty() {
                     wscodec::frame_header(0x2, tx.len(), wsout);
                     wsout.extend_from_slice(tx);
@@ -584,7 +585,9 @@ impl Worker {
         }
         self.wsout = out;
         match r {
-            Ok(()) => {}
+            // The session's deadlines may have moved (a reply sent straight to the socket
+            // files nothing on its own).
+            Ok(()) => self.refile(idx),
             Err(FeedError::Ws(f)) => {
                 let label = match f.code {
                     1003 => "text_message",
@@ -629,6 +632,31 @@ impl Worker {
         if tls.is_none() && bytes.is_empty() {
             return;
         }
+        let mut bytes = bytes;
+        if tls.is_none() && c.tx.is_none() && c.flags & F_SEND_INFLIGHT == 0 && c.fd >= 0 {
+            // Nothing queued: write straight to the socket. A reply (PONG, a few DATA frames)
+            // almost always fits the socket buffer, and then needs no queue, no allocation and
+            // no second completion; only what does not fit is queued.
+            // SAFETY: our socket and a valid buffer; MSG_DONTWAIT never blocks the loop.
+            let n = unsafe {
+                libc::send(c.fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error().raw_os_error();
+                if !matches!(e, Some(libc::EAGAIN) | Some(libc::EINTR)) {
+                    self.drop_conn(idx, "peer_gone");
+                    return;
+                }
+            } else {
+                self.counts.bytes_tx += n as u64;
+                bytes = &bytes[n as usize..];
+                if bytes.is_empty() {
+                    return;
+                }
+            }
+        }
+        let c = &mut self.conns[idx as usize];
+        let tls = c.ext.as_mut().and_then(|e| e.tls.as_deref_mut());
         let q = c.tx.get_or_insert_with(|| Box::new(TxQueue { since: now, ..TxQueue::default() }));
         match tls {
             Some(tls) => {
@@ -693,7 +721,8 @@ impl Worker {
             self.drop_conn(idx, "peer_gone");
             return;
         }
-        metrics::counter!(m::BYTES_SENT).increment(res as u64);
+        let c = &mut self.conns[idx as usize];
+        self.counts.bytes_tx += res as u64;
         let q = c.tx.as_mut().expect("a send was in flight");
         q.offset += res as usize;
         q.since = now;
@@ -846,7 +875,7 @@ impl Worker {
             frame.clear();
             wscodec::frame_header(0x2, bytes.len(), &mut frame);
             frame.extend_from_slice(bytes);
-            self.frames_tx[m::frame_index(frame::types::DATA)] += n;
+            self.counts.frames_tx[m::frame_index(frame::types::DATA)] += n;
             self.queue_out(slot, &frame);
         }
         self.wsout = frame;
@@ -908,7 +937,10 @@ impl Worker {
             self.shared.stats.userspace_liveness_checks.fetch_add(checked, Ordering::Relaxed);
             metrics::counter!(m::USERSPACE_CHECKS).increment(checked);
         }
-        self.flush_frame_counts();
+        if now.as_millis() >= self.counts_flushed + COUNTS_FLUSH_MS {
+            self.counts_flushed = now.as_millis();
+            self.flush_counts();
+        }
     }
 
     fn on_deadline(&mut self, idx: u32) {
@@ -988,20 +1020,28 @@ impl Worker {
         }
     }
 
-    fn flush_frame_counts(&mut self) {
+    fn flush_counts(&mut self) {
+        let c = &mut self.counts;
         for (i, name) in m::FRAME_TYPES.iter().enumerate() {
-            if self.frames_rx[i] > 0 {
-                metrics::counter!(m::FRAMES_RECEIVED, "type" => *name).increment(self.frames_rx[i]);
-                self.frames_rx[i] = 0;
+            if c.frames_rx[i] > 0 {
+                metrics::counter!(m::FRAMES_RECEIVED, "type" => *name).increment(c.frames_rx[i]);
+                c.frames_rx[i] = 0;
             }
-            if self.frames_tx[i] > 0 {
-                metrics::counter!(m::FRAMES_SENT, "type" => *name).increment(self.frames_tx[i]);
-                self.frames_tx[i] = 0;
+            if c.frames_tx[i] > 0 {
+                metrics::counter!(m::FRAMES_SENT, "type" => *name).increment(c.frames_tx[i]);
+                c.frames_tx[i] = 0;
             }
+        }
+        if c.bytes_rx > 0 {
+            metrics::counter!(m::BYTES_RECEIVED).increment(std::mem::take(&mut c.bytes_rx));
+        }
+        if c.bytes_tx > 0 {
+            metrics::counter!(m::BYTES_SENT).increment(std::mem::take(&mut c.bytes_tx));
         }
     }
 
     fn shutdown(&mut self) {
+        self.flush_counts();
         for idx in 0..self.conns.len() as u32 {
             if matches!(self.conns[idx as usize].state, State::Upgrading | State::Open | State::Closing) {
                 self.drop_conn(idx, "shutdown");
@@ -1013,6 +1053,19 @@ impl Worker {
         }
         let _ = self.ring.submit();
     }
+}
+
+/// How often the per-message counters go to `metrics` (at most this stale in a scrape).
+const COUNTS_FLUSH_MS: u64 = 200;
+
+/// Per-message counters, added up in the loop and handed to `metrics` once per tick (a
+/// registry lookup per PING would cost more than the PING itself).
+#[derive(Default)]
+struct Counts {
+    frames_rx: [u64; m::FRAME_TYPES.len()],
+    frames_tx: [u64; m::FRAME_TYPES.len()],
+    bytes_rx: u64,
+    bytes_tx: u64,
 }
 
 /// One Broflake message from an open connection (the same session logic as the tokio
@@ -1027,10 +1080,9 @@ fn handle_binary(
     thread: u8,
     idx: u32,
     gen: u8,
-    frames_rx: &mut [u64; m::FRAME_TYPES.len()],
-    frames_tx: &mut [u64; m::FRAME_TYPES.len()],
+    counts: &mut Counts,
 ) -> Result<(), Close> {
-    metrics::counter!(m::BYTES_RECEIVED).increment(msg.len() as u64);
+    counts.bytes_rx += msg.len() as u64;
     let cfg = &shared.session;
     let limit = conn.session.max_frame_size(cfg);
     let mut rest = msg;
@@ -1038,14 +1090,14 @@ fn handle_binary(
         let decoded = match frame::decode(rest, limit) {
             Ok(d) => d,
             Err(e) => {
-                frames_rx[m::FRAME_INVALID] += 1;
+                counts.frames_rx[m::FRAME_INVALID] += 1;
                 return Err(conn.session.decode_error(&e, tx));
             }
         };
         rest = &rest[decoded.len..];
-        frames_rx[m::frame_index(decoded.frame.frame_type())] += 1;
+        counts.frames_rx[m::frame_index(decoded.frame.frame_type())] += 1;
         if matches!(decoded.frame, Frame::Ping { .. }) {
-            frames_tx[m::frame_index(frame::types::PONG)] += 1;
+            counts.frames_tx[m::frame_index(frame::types::PONG)] += 1;
         }
         match conn.session.handle_frame(cfg, now, decoded, tx)? {
             ServerEvent::Hello { hello, .. } => {
@@ -1066,7 +1118,7 @@ fn handle_binary(
                 if conn.ext.as_ref().is_some_and(|e| e.tls.is_none() && e.refusal.is_none()) {
                     conn.ext = None;
                 }
-                frames_tx[m::frame_index(frame::types::WELCOME)] += 1;
+                counts.frames_tx[m::frame_index(frame::types::WELCOME)] += 1;
                 shared.stats.handshakes.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::HANDSHAKES, "result" => "accepted").increment(1);
             }
