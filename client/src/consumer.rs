@@ -64,7 +64,9 @@ impl Default for ConsumerConfig {
             tls: TlsMode::default(),
             server_name: "localhost".into(),
             max_streams: 256,
-            idle_timeout: Duration::from_secs(120),
+            // With keep-alives every 5 s a healthy connection never idles out; a dead one
+            // (its egress gone, no reset reaching us) is noticed within 30 s, not minutes.
+            idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
         }
     }
@@ -172,19 +174,24 @@ async fn attach_link(
     failures: &Arc<AtomicU64>,
     generation: &Arc<AtomicU64>,
     link_down: &Arc<tokio::sync::Notify>,
-    mut link: Link,
+    link: Link,
 ) -> anyhow::Result<()> {
     let link_down = link_down.clone();
     let label = link.sender.open_route().await.map_err(|e| anyhow::anyhow!("cannot open a route: {e}"))?;
     let gen = generation.fetch_add(1, Ordering::SeqCst) + 1;
-    *sink.current.lock().expect("poisoned") = Some((link.sender.clone(), label, gen));
+    // The sink holds the link's only sender; this task holds only its events and a weak
+    // reference to the sink. When the consumer goes away, the sender goes with it and the
+    // link closes (a strong reference here would keep the link, and the egress connection,
+    // alive for ever).
+    let Link { sender, mut events, .. } = link;
+    *sink.current.lock().expect("poisoned") = Some((sender, label, gen));
     let inbound = inbound.clone();
     let failures = failures.clone();
     let generation = generation.clone();
-    let sink = sink.clone();
+    let sink = Arc::downgrade(sink);
     let from = egress_addr();
     tokio::spawn(async move {
-        while let Some(ev) = link.events.recv().await {
+        while let Some(ev) = events.recv().await {
             match ev {
                 LinkEvent::Data { label: l, packet } if l == label => {
                     inbound.deliver(from, packet);
@@ -200,9 +207,11 @@ async fn attach_link(
         if generation.load(Ordering::SeqCst) == gen {
             failures.fetch_add(1, Ordering::SeqCst);
             link_down.notify_one();
-            let mut cur = sink.current.lock().expect("poisoned");
-            if cur.as_ref().is_some_and(|(_, _, g)| *g == gen) {
-                *cur = None;
+            if let Some(sink) = sink.upgrade() {
+                let mut cur = sink.current.lock().expect("poisoned");
+                if cur.as_ref().is_some_and(|(_, _, g)| *g == gen) {
+                    *cur = None;
+                }
             }
         }
     });

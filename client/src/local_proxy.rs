@@ -62,6 +62,9 @@ impl ConsumerService {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         self.consumer.connection.close(0u32.into(), b"consumer stopping");
+        // Let the close reach the egress (bounded), so it frees the connection now rather
+        // than at its idle timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.consumer.endpoint.wait_idle()).await;
     }
 }
 

@@ -352,7 +352,14 @@ async fn slot_task(slot: u64, cfg: RelayConfig, router: mpsc::Sender<Ev>, stats:
 /// the link ended (without an earlier GOAWAY).
 async fn pump(mut link: Link, up: UpId, router: mpsc::Sender<Ev>, stats: Arc<RelayStats>, done: mpsc::Sender<bool>) {
     let mut told = false;
-    while let Some(ev) = link.events.recv().await {
+    loop {
+        // A stopped relay (router gone) lets go of the link, which then closes: an idle link
+        // would otherwise go on pinging the egress for ever.
+        let ev = tokio::select! {
+            ev = link.events.recv() => ev,
+            _ = router.closed() => None,
+        };
+        let Some(ev) = ev else { break };
         let out = match ev {
             LinkEvent::Data { label, packet } => Ev::UpData { up, label, packet },
             LinkEvent::RouteClosed { label, code } => Ev::UpRouteClosed { up, label, code },

@@ -75,9 +75,12 @@ impl Egress {
         };
         ::metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-        let quic =
-            quic::QuicBridge::new(quic::server_config(identity.quic_config()?, &config), config.quic.inbound_queue)
-                .context("cannot create the QUIC endpoint")?;
+        let quic = quic::QuicBridge::new(
+            quic::server_config(identity.quic_config()?, &config),
+            config.quic.inbound_queue,
+            identity.key.secret_der(),
+        )
+        .context("cannot create the QUIC endpoint")?;
         let shared = Arc::new(Shared::new(config.clone(), quic.clone(), false));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -176,8 +179,20 @@ impl Egress {
 
     /// Waits until every connection is gone or `limit` passed, then shuts down.
     pub async fn wait_drained(mut self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
+        let start = tokio::time::Instant::now();
+        let deadline = start + limit;
+        // The tunnelled QUIC connections are closed a little before the grace period ends,
+        // while the WebSockets that carry them are still open: consumers get the
+        // CONNECTION_CLOSE and reconnect at once instead of at their idle timeout.
+        let grace = self.shared.config.drain.grace.min(limit);
+        let close_quic_at = start + grace - (grace / 4).min(Duration::from_secs(1));
+        let mut quic_closed = false;
         while !self.shared.conns.is_empty() && tokio::time::Instant::now() < deadline {
+            if !quic_closed && tokio::time::Instant::now() >= close_quic_at {
+                quic_closed = true;
+                tracing::info!("closing tunnelled QUIC connections before the grace period ends");
+                self.shared.quic.endpoint.close(0u32.into(), b"egress draining");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.shutdown().await;

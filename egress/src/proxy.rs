@@ -61,6 +61,7 @@ async fn connection(conn: quinn::Connection, settings: Arc<ProxySettings>) {
 }
 
 /// The outcome of resolving and dialling a request.
+#[derive(Debug)]
 struct Refusal(ProxyStatus, String);
 
 async fn reply(send: &mut quinn::SendStream, status: ProxyStatus, reason: &str) -> std::io::Result<()> {
@@ -115,13 +116,30 @@ async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, settin
 }
 
 async fn dial(host: &str, port: u16, s: &ProxySettings) -> Result<TcpStream, Refusal> {
+    dial_with(
+        host,
+        port,
+        s,
+        |host, port| async move { tokio::net::lookup_host((host, port)).await.map(|a| a.collect()) },
+    )
+    .await
+}
+
+/// Resolves once (`FnOnce`: a name is never looked up again between check and dial, so a
+/// DNS answer that changes — rebinding — cannot swap a checked address for a forbidden
+/// one), checks every address, and dials only addresses that passed.
+async fn dial_with<R, F>(host: &str, port: u16, s: &ProxySettings, resolve: R) -> Result<TcpStream, Refusal>
+where
+    R: FnOnce(String, u16) -> F,
+    F: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+{
     let literal = host.parse::<IpAddr>().ok();
     let addrs: Vec<SocketAddr> = match literal {
         Some(ip) => vec![SocketAddr::new(ip, port)],
         None => {
-            let lookup = tokio::time::timeout(s.resolve_timeout, tokio::net::lookup_host((host, port))).await;
+            let lookup = tokio::time::timeout(s.resolve_timeout, resolve(host.to_string(), port)).await;
             match lookup {
-                Ok(Ok(a)) => a.collect(),
+                Ok(Ok(a)) => a,
                 Ok(Err(e)) => return Err(Refusal(ProxyStatus::DNS_FAILED, format!("cannot resolve {host}: {e}"))),
                 Err(_) => return Err(Refusal(ProxyStatus::DNS_FAILED, format!("resolving {host} timed out"))),
             }
@@ -213,5 +231,94 @@ async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::Re
     }
     if u.is_err() {
         let _ = recv.stop(0u32.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn settings(allow: &[&str]) -> ProxySettings {
+        ProxySettings {
+            policy: Policy::new(true, allow.iter().map(|a| a.parse().unwrap()).collect()),
+            connect_timeout: Duration::from_secs(2),
+            resolve_timeout: Duration::from_secs(2),
+            stats: Default::default(),
+        }
+    }
+
+    /// A name server that answers differently each time it is asked (DNS rebinding).
+    struct Rebinding {
+        answers: Mutex<Vec<Vec<SocketAddr>>>,
+        asked: Mutex<u32>,
+    }
+
+    impl Rebinding {
+        fn new(answers: Vec<Vec<SocketAddr>>) -> Arc<Self> {
+            Arc::new(Rebinding { answers: Mutex::new(answers), asked: Mutex::new(0) })
+        }
+        fn resolver(
+            self: &Arc<Self>,
+        ) -> impl FnOnce(String, u16) -> std::future::Ready<std::io::Result<Vec<SocketAddr>>> {
+            let me = self.clone();
+            move |_, _| {
+                *me.asked.lock().unwrap() += 1;
+                std::future::ready(Ok(me.answers.lock().unwrap().remove(0)))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn names_that_resolve_to_forbidden_addresses_are_refused() {
+        let s = settings(&[]);
+        // The system resolver: localhost is loopback whatever order the answers come in.
+        let Err(Refusal(status, reason)) = dial("localhost", 80, &s).await else { panic!("localhost was dialled") };
+        assert_eq!(status, ProxyStatus::POLICY_REFUSED);
+        assert!(reason.starts_with("destination localhost resolves to "), "{reason}");
+        assert!(reason.ends_with("a loopback address"), "{reason}");
+        // Any name whose every answer is internal.
+        for (ip, why) in [
+            ("169.254.169.254", "a cloud metadata address"),
+            ("fd00:ec2::254", "a cloud metadata address"),
+            ("10.0.0.7", "a private address"),
+            ("::ffff:192.168.1.1", "a private address"),
+            ("fe80::1", "a link-local address"),
+        ] {
+            let dns = Rebinding::new(vec![vec![SocketAddr::new(ip.parse().unwrap(), 80)]]);
+            let Err(Refusal(status, reason)) = dial_with("evil.example", 80, &s, dns.resolver()).await else {
+                panic!("{ip} was dialled")
+            };
+            assert_eq!(status, ProxyStatus::POLICY_REFUSED);
+            assert_eq!(reason, format!("destination evil.example resolves to {ip}, {why}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn forbidden_answers_are_never_dialled_and_a_name_is_resolved_once() {
+        // The allowed destination: 127.0.0.2 only (allowlisted); 127.0.0.1 stays forbidden.
+        let allowed = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = allowed.local_addr().unwrap().port();
+        let forbidden = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let s = settings(&["127.0.0.2/32"]);
+        let good = SocketAddr::from(([127, 0, 0, 2], port));
+        let bad = SocketAddr::from(([127, 0, 0, 1], port));
+
+        // Mixed answers, the forbidden one first: only the allowed one is dialled.
+        let dns = Rebinding::new(vec![vec![bad, good]]);
+        let tcp = dial_with("mixed.example", port, &s, dns.resolver()).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good);
+
+        // Rebinding: the first answer is allowed, every later one points inside. The dial
+        // uses the checked answer; the name server is asked once.
+        let dns = Rebinding::new(vec![vec![good], vec![bad], vec![bad]]);
+        let tcp = dial_with("rebind.example", port, &s, dns.resolver()).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good);
+        assert_eq!(*dns.asked.lock().unwrap(), 1);
+
+        // Nothing ever reached the forbidden listener.
+        let never = tokio::time::timeout(Duration::from_millis(200), forbidden.accept()).await;
+        assert!(never.is_err(), "a forbidden address was dialled");
+        drop(allowed);
     }
 }

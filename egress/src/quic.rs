@@ -173,17 +173,28 @@ pub struct QuicBridge {
     pub endpoint: quinn::Endpoint,
 }
 
+/// The stateless-reset key, derived from the egress's long-term secret (its TLS key) instead
+/// of chosen at random per process: an egress restarted with the same state directory then
+/// answers packets of its predecessor's connections with resets the consumers accept, and
+/// they reconnect at once instead of waiting for their idle timeout.
+pub fn reset_key(secret: &[u8]) -> Arc<dyn quinn::crypto::HmacKey> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"broflake-egress quic stateless reset v1\0");
+    h.update(secret);
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &h.finalize()))
+}
+
 impl QuicBridge {
-    pub fn new(server: quinn::ServerConfig, inbound_queue: usize) -> std::io::Result<Arc<Self>> {
+    /// `reset_secret` seeds the stateless-reset key (see [`reset_key`]).
+    pub fn new(server: quinn::ServerConfig, inbound_queue: usize, reset_secret: &[u8]) -> std::io::Result<Arc<Self>> {
         let routes = Arc::new(Routes::default());
         let local: SocketAddr = "[fd00:b70f::]:443".parse().expect("literal");
         let (socket, inbound) = VirtualSocket::new(local, routes.clone(), inbound_queue);
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            broflake_tunnel::settings::endpoint_config(),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let mut config = broflake_tunnel::settings::endpoint_config();
+        config.reset_key(reset_key(reset_secret));
+        let endpoint =
+            quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?;
         Ok(Arc::new(QuicBridge { routes, inbound, next_id: AtomicU64::new(1), endpoint }))
     }
 

@@ -56,11 +56,16 @@ pub async fn serve(
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let timeout = shared.config.liveness.handshake_timeout;
+            // One handshake deadline from accept across TLS, the HTTP upgrade and HELLO, as on
+            // io_uring: a slow peer cannot stretch it by finishing each step just in time.
+            let accepted = Accepted {
+                at: shared.now(),
+                deadline: tokio::time::Instant::now() + shared.config.liveness.handshake_timeout,
+            };
             match tls {
-                None => connection(stream, peer, reg, shared).await,
-                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => connection(s, peer, reg, shared).await,
+                None => connection(stream, peer, reg, shared, accepted).await,
+                Some(acceptor) => match tokio::time::timeout_at(accepted.deadline, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => connection(s, peer, reg, shared, accepted).await,
                     Ok(Err(e)) => {
                         metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "tls").increment(1);
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -85,14 +90,21 @@ pub fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_frame_size(Some(l.max_message_size as usize))
 }
 
-async fn connection<S>(mut stream: S, peer: SocketAddr, reg: Registration, shared: Arc<Shared>)
+/// When a connection was accepted, and when its handshake must be done.
+#[derive(Clone, Copy)]
+struct Accepted {
+    at: broflake_proto::Timestamp,
+    deadline: tokio::time::Instant,
+}
+
+async fn connection<S>(mut stream: S, peer: SocketAddr, reg: Registration, shared: Arc<Shared>, accepted: Accepted)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // The same upgrade parser and bounds as the io_uring backend (8 KiB head, one deadline
     // from accept however slowly the bytes come), then tungstenite for the framing.
     let cfg = &shared.config;
-    let head = tokio::time::timeout(cfg.liveness.handshake_timeout, read_upgrade(&mut stream, &shared)).await;
+    let head = tokio::time::timeout_at(accepted.deadline, read_upgrade(&mut stream, &shared)).await;
     let (response, rest) = match head {
         Err(_) => {
             metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "timeout").increment(1);
@@ -118,7 +130,7 @@ where
         _ => return,
     }
     let ws = WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config(&shared))).await;
-    Conn::new(ws, reg, shared).run().await;
+    Conn::new(ws, reg, shared, accepted.at).run().await;
 }
 
 /// Reads until the request head is complete or refused (never past the 8 KiB bound).
@@ -177,13 +189,32 @@ struct Conn<S> {
     routes: HashMap<u64, u64>,
     tx: Vec<u8>,
     state: &'static str,
+    /// Why the connection was dropped without a close frame (for the close-reason metric).
+    dropped_for: Option<&'static str>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    fn new(ws: WebSocketStream<S>, reg: Registration, shared: Arc<Shared>) -> Self {
+    fn new(
+        ws: WebSocketStream<S>,
+        reg: Registration,
+        shared: Arc<Shared>,
+        accepted: broflake_proto::Timestamp,
+    ) -> Self {
         let (out_tx, out_rx) = mpsc::channel(shared.config.limits.send_queue_packets);
-        let session = ServerSession::new(shared.now());
-        Conn { ws, reg, shared, session, out_tx, out_rx, routes: HashMap::new(), tx: Vec::new(), state: "handshaking" }
+        // The HELLO deadline counts from accept (the upgrade already used part of it).
+        let session = ServerSession::new(accepted);
+        Conn {
+            ws,
+            reg,
+            shared,
+            session,
+            out_tx,
+            out_rx,
+            routes: HashMap::new(),
+            tx: Vec::new(),
+            state: "handshaking",
+            dropped_for: None,
+        }
     }
 
     fn set_state(&mut self, state: &'static str) {
@@ -327,7 +358,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             Err(_) => {
                 tracing::debug!(peer = %self.reg.handle.peer, "peer stopped reading; dropping it");
-                metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "write_timeout").increment(1);
+                self.dropped_for = Some("write_timeout");
                 false
             }
         }
@@ -453,7 +484,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn finish(&mut self, end: Option<WsClose>) {
         let reason_label = match &end {
             Some(c) => close_label(c.code),
-            None => "peer_gone",
+            None => self.dropped_for.unwrap_or("peer_gone"),
         };
         metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason_label).increment(1);
         if let Some(c) = end {

@@ -202,6 +202,30 @@ async fn forbidden_destinations_are_refused_with_their_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolving_to_forbidden_addresses_are_refused_over_the_tunnel() {
+    each_backend(|b| async move {
+        // No allowlist: loopback is forbidden like any internal network.
+        let e = egress(testkit::egress_config(b), |c| c.proxy.allow.clear()).await;
+        let c = consumer(&e).await;
+        for host in ["localhost", "127.0.0.1", "::ffff:127.0.0.1"] {
+            match c.open(host, 80).await {
+                Err(broflake_client::ProxyError::Refused { status, reason }) => {
+                    assert_eq!(status, ProxyStatus::POLICY_REFUSED, "{host}");
+                    assert!(reason.ends_with("a loopback address"), "{host}: {reason}");
+                    if host == "localhost" {
+                        assert!(reason.starts_with("destination localhost resolves to "), "{reason}");
+                    }
+                }
+                Ok(_) => panic!("{host} was not refused"),
+                Err(other) => panic!("{host}: {other}"),
+            }
+        }
+        assert_eq!(Stats::get(&e.shared().stats.proxy_refusals), 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_keeps_its_quic_connection_across_a_relay_link_failure() {
     each_backend(|b| async move {
         let e = egress(testkit::egress_config(b), |_| {}).await;

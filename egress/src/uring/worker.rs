@@ -811,14 +811,25 @@ impl Worker {
 
     /// Closes the connections of peers the kernel reported idle.
     fn on_expired(&mut self) {
-        for peer in self.inbox.take_expired() {
-            let ip = peer.ip().to_canonical();
-            let Some(&(id, _)) = self.ips.ids.get(&ip) else { continue };
-            let found = (0..self.conns.len() as u32).find(|&i| {
-                let c = &self.conns[i as usize];
-                c.ip == id && c.port == peer.port() && c.state == State::Open
-            });
-            let Some(idx) = found else { continue };
+        let peers = self.inbox.take_expired();
+        // The kernel sweep reports idle flows in bursts: find the whole batch in one pass over
+        // the connections (no per-connection index, which would cost memory on every idle
+        // connection to save a scan per sweep).
+        let mut wanted: std::collections::HashSet<(u32, u16)> = peers
+            .iter()
+            .filter_map(|p| self.ips.ids.get(&p.ip().to_canonical()).map(|&(id, _)| (id, p.port())))
+            .collect();
+        let mut found = Vec::with_capacity(wanted.len());
+        for i in 0..self.conns.len() as u32 {
+            if wanted.is_empty() {
+                break;
+            }
+            let c = &self.conns[i as usize];
+            if c.state == State::Open && wanted.remove(&(c.ip, c.port)) {
+                found.push(i);
+            }
+        }
+        for idx in found {
             let c = &mut self.conns[idx as usize];
             let mut tx = Vec::new();
             let close = c.session.fail(ErrorCode::IDLE_TIMEOUT, "idle timeout (xdp)", &mut tx);
@@ -948,7 +959,7 @@ impl Worker {
         let write_timeout = self.shared.config.limits.write_timeout.as_millis() as u64;
         let c = &mut self.conns[idx as usize];
         if c.tx.as_ref().is_some_and(|t| t.since + write_timeout <= now.as_millis()) {
-            metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => "write_timeout").increment(1);
+            // drop_conn counts the close (once).
             self.drop_conn(idx, "write_timeout");
             return;
         }
