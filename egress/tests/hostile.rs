@@ -18,18 +18,8 @@ use tokio::net::{TcpSocket, TcpStream};
 /// One case at a time: metric deltas must not mix.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Sum of the samples of `name` whose labels include every `labels` pair.
 fn metric(name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = broflake_egress::admin::recorder().render();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, v) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|(k, val)| rest.contains(&format!("{k}=\"{val}\""))))
-                .then(|| v.parse::<f64>().ok())?
-        })
-        .sum()
+    testkit::prom_value(&broflake_egress::admin::recorder().render(), name, labels)
 }
 
 const CLOSED: &str = "broflake_connections_closed_total";
@@ -156,8 +146,7 @@ async fn upgraded(addr: SocketAddr) -> TcpStream {
     upgraded_from(addr, None).await.unwrap()
 }
 
-/// A client frame, masked unless told otherwise, with the length encoded in the shortest form
-/// (or as given by `len_override`, for lying headers).
+/// A client frame, masked unless told otherwise, with the length in the shortest encoding.
 fn client_frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
     let m = if masked { 0x80 } else { 0 };
@@ -264,13 +253,11 @@ async fn slowloris_upgrade_is_cut_at_the_handshake_timeout() {
         // One byte of a never-ending header every 100 ms: always sending, never finishing.
         let dribble = tokio::spawn(async move {
             let head = format!("GET {} HTTP/1.1\r\nX-Slow: ", binding::DEFAULT_PATH);
-            wr.write_all(head.as_bytes()).await?;
-            loop {
+            let mut next: &[u8] = head.as_bytes();
+            while wr.write_all(next).await.is_ok() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                wr.write_all(b"a").await?;
+                next = b"a";
             }
-            #[allow(unreachable_code)]
-            Ok::<(), std::io::Error>(())
         });
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf)).await.expect("cut");

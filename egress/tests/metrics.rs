@@ -22,19 +22,6 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Sum of the samples of `name` whose labels include every `labels` pair.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, v) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|(k, val)| rest.contains(&format!("{k}=\"{val}\""))))
-                .then(|| v.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_move_as_the_traffic_did_and_promtool_accepts_the_output() {
     let mut cfg = testkit::egress_config(Backend::Tokio);
@@ -69,7 +56,9 @@ async fn counters_move_as_the_traffic_did_and_promtool_accepts_the_output() {
 
     let (status, after) = get(admin, "/metrics").await;
     assert_eq!(status, 200);
-    let delta = |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(&before, name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        testkit::prom_value(&after, name, labels) - testkit::prom_value(&before, name, labels)
+    };
     assert!(delta("broflake_handshakes_total", &[("result", "accepted")]) >= 6.0);
     assert!(delta("broflake_refusals_total", &[("reason", "unsupported_version")]) >= 1.0);
     assert!(delta("broflake_frames_received_total", &[("type", "ping")]) >= 10.0, "5 links × ≥2 PINGs");
@@ -79,11 +68,11 @@ async fn counters_move_as_the_traffic_did_and_promtool_accepts_the_output() {
     assert!(delta("broflake_proxy_dials_total", &[("result", "policy_refused")]) >= 1.0);
     assert!(delta("broflake_proxy_bytes_total", &[("direction", "downstream")]) >= (1 << 20) as f64);
     assert!(delta("broflake_bytes_received_total", &[]) > 0.0);
-    assert!(value(&after, "broflake_connections", &[("backend", "tokio"), ("state", "open")]) >= 6.0);
-    assert_eq!(value(&after, "broflake_liveness_mode", &[("mode", "userspace")]), 1.0);
-    assert!(value(&after, "broflake_quic_connections_total", &[]) >= 1.0);
-    assert!(value(&after, "broflake_open_fds", &[]) > 10.0);
-    assert!(value(&after, "broflake_liveness_sweeps_total", &[]) > 10.0);
+    assert!(testkit::prom_value(&after, "broflake_connections", &[("backend", "tokio"), ("state", "open")]) >= 6.0);
+    assert_eq!(testkit::prom_value(&after, "broflake_liveness_mode", &[("mode", "userspace")]), 1.0);
+    assert!(testkit::prom_value(&after, "broflake_quic_connections_total", &[]) >= 1.0);
+    assert!(testkit::prom_value(&after, "broflake_open_fds", &[]) > 10.0);
+    assert!(testkit::prom_value(&after, "broflake_liveness_sweeps_total", &[]) > 10.0);
 
     let dir = testkit::temp_dir("metrics");
     std::fs::write(dir.join("metrics.txt"), &after).unwrap();

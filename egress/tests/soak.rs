@@ -92,20 +92,13 @@ impl EgressProc {
         bench::procfs::rss_bytes(self.pid()).unwrap()
     }
 
-    async fn metric(&self, name: &str, labels: &str) -> f64 {
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, v) = l.rsplit_once(' ')?;
-                let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-                (n == name && rest.contains(labels)).then(|| v.parse::<f64>().ok())?
-            })
-            .sum()
+        testkit::prom_value(&text, name, labels)
     }
 
     fn assert_no_panic(&self, tag: &str) {
@@ -189,23 +182,30 @@ impl Tally {
     }
 }
 
-/// One consumer application: downloads in a loop; when its QUIC connection is closed by
-/// the egress, it starts over (as a real client would).
-async fn consumer_loop(
+/// What a consumer application works with: the relays it knows, the egress it pins, and the
+/// download it repeats.
+#[derive(Clone)]
+struct Job {
     relays: Vec<String>,
-    fingerprint: Arc<Mutex<String>>,
+    fingerprint: String,
     server: SocketAddr,
     digest: String,
-    tally: Arc<Tally>,
-    stop: Arc<AtomicBool>,
-) {
+}
+
+impl Job {
+    fn spawn(&self, tally: &Arc<Tally>, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(consumer_loop(self.clone(), tally.clone(), stop.clone()))
+    }
+}
+
+/// One consumer application: downloads in a loop; when its QUIC connection is closed by
+/// the egress, it starts over (as a real client would).
+async fn consumer_loop(job: Job, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let Job { relays, fingerprint, server, digest } = job;
     while !stop.load(Ordering::Relaxed) {
         let opts = ConsumerOptions {
             relays: relays.iter().map(|u| LinkConfig::new(u.clone())).collect(),
-            quic: ConsumerConfig {
-                tls: TlsMode::Pinned(fingerprint.lock().unwrap().clone()),
-                ..ConsumerConfig::default()
-            },
+            quic: ConsumerConfig { tls: TlsMode::Pinned(fingerprint.clone()), ..ConsumerConfig::default() },
             socks: None,
             http: None,
         };
@@ -281,8 +281,7 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     let state = testkit::temp_dir("soak");
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/broflake");
-    let (a, fp) = EgressProc::start(port, &state, "a");
-    let fingerprint = Arc::new(Mutex::new(fp));
+    let (a, fingerprint) = EgressProc::start(port, &state, "a");
     let (server, digest) = testkit::http_server(BODY, 77).await;
 
     // Warm-up and baseline of the first process: one download, then nobody.
@@ -290,14 +289,8 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
         let mut relays = Relays::start(&url).await;
         let tally = Arc::new(Tally::new());
         let stop = Arc::new(AtomicBool::new(false));
-        let c = tokio::spawn(consumer_loop(
-            relays.urls(),
-            fingerprint.clone(),
-            server,
-            digest.clone(),
-            tally.clone(),
-            stop.clone(),
-        ));
+        let c = Job { relays: relays.urls(), fingerprint: fingerprint.clone(), server, digest: digest.clone() }
+            .spawn(&tally, &stop);
         while tally.ok.load(Ordering::Relaxed) < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -315,15 +308,9 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut relays = Relays::start(&url).await;
     let mut consumers = Vec::new();
+    let job = Job { relays: relays.urls(), fingerprint: fingerprint.clone(), server, digest: digest.clone() };
     for _ in 0..3 {
-        consumers.push(tokio::spawn(consumer_loop(
-            relays.urls(),
-            fingerprint.clone(),
-            server,
-            digest.clone(),
-            tally.clone(),
-            stop.clone(),
-        )));
+        consumers.push(job.spawn(&tally, &stop));
     }
     // Relays that connect, handshake and leave, all the time.
     let churned = Arc::new(AtomicU64::new(0));
@@ -357,7 +344,7 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
             let old = a.take().unwrap();
             assert!(Command::new("kill").args(["-TERM", &old.pid().to_string()]).status().unwrap().success());
             let (b, fp) = EgressProc::start(port, &state, "b");
-            assert_eq!(fp, *fingerprint.lock().unwrap(), "the replacement keeps the identity");
+            assert_eq!(fp, fingerprint, "the replacement keeps the identity");
             replaced = Some((old, b));
             eprintln!("egress A draining, B started at {:?}", started.elapsed());
         }
@@ -385,14 +372,7 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     let recovered = Instant::now();
     let after = Arc::new(Tally::new());
     let stop_after = Arc::new(AtomicBool::new(false));
-    let c = tokio::spawn(consumer_loop(
-        relays.urls(),
-        fingerprint.clone(),
-        server,
-        digest.clone(),
-        after.clone(),
-        stop_after.clone(),
-    ));
+    let c = job.spawn(&after, &stop_after);
     while after.ok.load(Ordering::Relaxed) == 0 {
         assert!(recovered.elapsed() < Duration::from_secs(90), "no download through the replacement egress");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -449,7 +429,7 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     eprintln!("egress B after the load: {b_fds} fds (A's idle baseline {a_fds}), RSS {b_rss} (A's {a_rss})");
     assert_eq!(b_fds, a_fds, "file descriptors back to the idle baseline");
     assert!(b_rss < a_rss + (24 << 20), "RSS {b_rss} vs an idle baseline of {a_rss}");
-    let routes = b.metric("broflake_routes", "").await;
+    let routes = b.metric("broflake_routes", &[]).await;
     assert_eq!(routes, 0.0, "routes left over");
     let mut b = b;
     let _ = b.child.kill();
@@ -460,8 +440,8 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
 async fn wait_idle(e: &EgressProc) {
     let t = Instant::now();
     loop {
-        let conns = e.metric("broflake_connections", "backend=\"uring\"").await;
-        let quic = e.metric("broflake_quic_connections", "").await;
+        let conns = e.metric("broflake_connections", &[("backend", "uring")]).await;
+        let quic = e.metric("broflake_quic_connections", &[]).await;
         if conns == 0.0 && quic == 0.0 {
             return;
         }

@@ -176,3 +176,17 @@ pub fn message(frames: &[Frame<'_>]) -> Message {
     }
     Message::Binary(out.into())
 }
+
+/// Sum of the samples of metric `name` in a Prometheus text exposition whose labels include
+/// every `labels` pair.
+pub fn prom_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|(k, val)| rest.contains(&format!("{k}=\"{val}\""))))
+                .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
