@@ -107,6 +107,14 @@ impl EgressProc {
     }
 }
 
+impl Drop for EgressProc {
+    /// A failing assertion must not leave the egress running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -431,9 +439,6 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     assert!(b_rss < a_rss + (24 << 20), "RSS {b_rss} vs an idle baseline of {a_rss}");
     let routes = b.metric("broflake_routes", &[]).await;
     assert_eq!(routes, 0.0, "routes left over");
-    let mut b = b;
-    let _ = b.child.kill();
-    let _ = b.child.wait();
 }
 
 /// Waits (bounded) until the egress holds no connection and no QUIC connection.
