@@ -35,11 +35,16 @@ struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn mode(&self) -> TlsMode {
+    /// How to check the server of `url`. A wss:// server must be authenticated unless the
+    /// user says `--insecure`; for ws:// there is nothing to check.
+    fn mode(&self, url: &str) -> Result<TlsMode> {
         match (&self.cert_sha256, &self.ca) {
-            (Some(fp), _) => TlsMode::Pinned(fp.clone()),
-            (None, Some(ca)) => TlsMode::CaFile(ca.clone()),
-            _ => TlsMode::InsecureNoVerify,
+            (Some(fp), _) => Ok(TlsMode::Pinned(fp.clone())),
+            (None, Some(ca)) => Ok(TlsMode::CaFile(ca.clone())),
+            _ if self.insecure || !url.starts_with("wss://") => Ok(TlsMode::InsecureNoVerify),
+            _ => anyhow::bail!(
+                "{url}: give --cert-sha256 or --ca to authenticate the server (or --insecure, for testing)"
+            ),
         }
     }
 }
@@ -116,8 +121,8 @@ async fn main() -> Result<()> {
         .init();
     match cli.cmd {
         Cmd::Relay { upstream, pool, listen, no_ping, tls } => {
-            let mut link = LinkConfig::new(upstream);
-            link.tls = tls.mode();
+            let mut link = LinkConfig::new(upstream.clone());
+            link.tls = tls.mode(&upstream)?;
             link.client.send_pings = !no_ping;
             let mut cfg = RelayConfig::new(link, listen);
             cfg.pool = pool;
@@ -139,7 +144,10 @@ async fn main() -> Result<()> {
                 server_name: egress_name,
                 ..ConsumerConfig::default()
             };
-            let relays = relays.into_iter().map(|url| LinkConfig { tls: tls.mode(), ..LinkConfig::new(url) }).collect();
+            let relays = relays
+                .into_iter()
+                .map(|url| Ok(LinkConfig { tls: tls.mode(&url)?, ..LinkConfig::new(url) }))
+                .collect::<Result<Vec<_>>>()?;
             let svc = ConsumerService::start(ConsumerOptions { relays, quic, socks, http }).await?;
             if let Some(a) = svc.socks_addr {
                 eprintln!("socks5 listening on {a}");
