@@ -60,6 +60,9 @@ pub enum Admission {
 #[derive(Debug, Default)]
 struct Inner {
     conns: HashMap<u64, Arc<ConnHandle>>,
+    /// Connection id by peer address (canonical form), for kernel-side expiry, which reports
+    /// 4-tuples: a lookup, not a scan, per expired flow.
+    by_peer: HashMap<SocketAddr, u64>,
     per_ip: HashMap<IpAddr, u32>,
     next_id: u64,
 }
@@ -175,11 +178,15 @@ impl Registry {
             kill: Default::default(),
         });
         inner.conns.insert(id, handle.clone());
+        inner.by_peer.insert(canonical(peer), id);
         Ok(Registration { registry: self.clone(), handle, admission })
     }
 
     fn unregister(&self, handle: &ConnHandle) {
         let mut inner = self.inner.lock().expect("registry poisoned");
+        if inner.by_peer.get(&canonical(handle.peer)) == Some(&handle.id) {
+            inner.by_peer.remove(&canonical(handle.peer));
+        }
         if inner.conns.remove(&handle.id).is_some() {
             Self::release_locked(&mut inner, handle.peer.ip());
             self.count.fetch_sub(1, Ordering::Relaxed);
@@ -203,9 +210,13 @@ impl Registry {
     /// reports 4-tuples).
     pub fn find_peer(&self, peer: SocketAddr) -> Option<Arc<ConnHandle>> {
         let inner = self.inner.lock().expect("registry poisoned");
-        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-        inner.conns.values().find(|c| canon(c.peer) == canon(peer)).cloned()
+        inner.by_peer.get(&canonical(peer)).and_then(|id| inner.conns.get(id)).cloned()
     }
+}
+
+/// An address with IPv4-mapped IPv6 written as IPv4, as the kernel may report either.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 #[cfg(test)]
@@ -247,6 +258,19 @@ mod tests {
             matches!(&c.admission, Admission::Refuse { code: ErrorCode::PER_IP_LIMIT, reason, .. } if reason.contains("9.9.9.9"))
         );
         assert_eq!(r.register("8.8.8.8:1".parse().unwrap()).unwrap().admission, Admission::Admit);
+    }
+
+    #[test]
+    fn find_peer_by_address_in_either_form() {
+        let r = Registry::new(10, 10);
+        let a = r.register("9.9.9.9:1000".parse().unwrap()).unwrap();
+        let b = r.register("[::ffff:9.9.9.9]:1001".parse().unwrap()).unwrap();
+        assert_eq!(r.find_peer("[::ffff:9.9.9.9]:1000".parse().unwrap()).map(|c| c.id), Some(a.handle.id));
+        assert_eq!(r.find_peer("9.9.9.9:1001".parse().unwrap()).map(|c| c.id), Some(b.handle.id));
+        assert!(r.find_peer("9.9.9.9:1002".parse().unwrap()).is_none());
+        drop(a);
+        assert!(r.find_peer("9.9.9.9:1000".parse().unwrap()).is_none(), "forgotten with its connection");
+        assert!(r.find_peer("9.9.9.9:1001".parse().unwrap()).is_some());
     }
 
     #[test]
