@@ -1,7 +1,6 @@
 //! The `egress` binary itself: embedded defaults, check-config, and drain on SIGTERM.
 
 use broflake_client::link::{Link, LinkConfig, LinkEvent};
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,18 +45,8 @@ fn spawn(args: &[&str]) -> (std::process::Child, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("egress: {line}");
-            if let Some(i) = line.find("listening on ws://") {
-                let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(Duration::from_secs(20)).expect("egress listens");
-    (child, format!("{url}/broflake"))
+    let (addr, _) = testkit::wait_listening(&mut child);
+    (child, format!("ws://{addr}/broflake"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,6 @@
 
 use bench::loadgen::{Load, LoadConfig};
 use bench::procfs;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -48,16 +47,7 @@ fn spawn_egress(backend: &str) -> Egress {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on ws://") {
-                let _ = tx.send(line[i + "listening on ws://".len()..].trim().to_string());
-            }
-        }
-    });
-    let ws = rx.recv_timeout(Duration::from_secs(20)).expect("egress listens").parse().unwrap();
+    let (ws, _) = testkit::wait_listening(&mut child);
     Egress { child, ws }
 }
 

@@ -20,7 +20,7 @@ const BODY: usize = 2 << 20;
 
 struct EgressProc {
     child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    log: testkit::EgressLog,
     admin: SocketAddr,
 }
 
@@ -48,36 +48,15 @@ impl EgressProc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx2, log2) = (tx.clone(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(fp) = line.strip_prefix("certificate sha256 ") {
-                    let _ = tx2.send(format!("fp {fp}"));
-                }
-                log2.lock().unwrap().push(line);
-            }
-        });
-        let log3 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening on ws://") {
-                    let _ = tx.send("listening".into());
-                }
-                log3.lock().unwrap().push(line);
-            }
-        });
-        let (mut fp, mut listening) = (None, false);
-        while fp.is_none() || !listening {
-            match rx.recv_timeout(Duration::from_secs(20)).expect("egress starts") {
-                m if m.starts_with("fp ") => fp = Some(m[3..].to_string()),
-                _ => listening = true,
-            }
-        }
-        (EgressProc { child, log, admin: SocketAddr::from(([127, 0, 0, 1], admin)) }, fp.unwrap())
+        let (_, log) = testkit::wait_listening(&mut child);
+        // The fingerprint consumers pin, printed on stdout once the egress runs.
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let fp = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("certificate sha256 ").map(str::to_string))
+            .expect("the egress prints its certificate fingerprint");
+        (EgressProc { child, log, admin: SocketAddr::from(([127, 0, 0, 1], admin)) }, fp)
     }
 
     fn pid(&self) -> u32 {
@@ -409,13 +388,6 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     );
     for f in &failed {
         eprintln!("  failed: {f}");
-    }
-    if std::env::var("SOAK_EGRESS_LOG").is_ok() {
-        for (tag, e) in [("A", &old), ("B", &b)] {
-            for l in e.log.lock().unwrap().iter() {
-                eprintln!("egress {tag}: {l}");
-            }
-        }
     }
     assert_eq!(tally.corrupt.load(Ordering::Relaxed), 0, "a download arrived with different bytes");
     assert!(ok >= secs / 3, "too few downloads completed ({ok})");

@@ -136,18 +136,7 @@ fn idle_flows_are_closed_by_the_kernel_and_pinging_ones_never() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = egress.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("egress: {line}");
-                if line.contains("listening on ws://") || line.contains("Error") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("egress starts");
-        assert!(line.contains("listening"), "{line}");
+        testkit::wait_listening(&mut egress);
         let pid = egress.id();
         // `ip netns exec` forks the egress: find the real process.
         let pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))

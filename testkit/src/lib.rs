@@ -190,3 +190,30 @@ pub fn prom_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Lines an egress process wrote to stderr (kept for assertions and failure messages).
+pub type EgressLog = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Waits until an egress binary started by a test logs `listening on ws://ADDR`, reading its
+/// stderr on a thread that echoes (`egress: …`) and keeps every line. Returns ADDR and the log.
+/// Panics with the log when the process ends first or 20 s pass.
+pub fn wait_listening(child: &mut std::process::Child) -> (SocketAddr, EgressLog) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("the egress's stderr is piped");
+    let log = EgressLog::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("egress: {line}");
+            if let Some(i) = line.find("listening on ws://") {
+                let _ = tx.send(line[i + "listening on ws://".len()..].trim().to_string());
+            }
+            kept.lock().unwrap().push(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(addr) => (addr.parse().expect("a socket address after `listening on ws://`"), log),
+        Err(_) => panic!("the egress did not start:\n{}", log.lock().unwrap().join("\n")),
+    }
+}
