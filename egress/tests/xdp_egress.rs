@@ -24,6 +24,18 @@ impl Drop for Net {
     }
 }
 
+/// Whether this test can run here; under CI it must (a missing privilege fails the test).
+fn can_run() -> bool {
+    match capable() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(std::env::var_os("CI").is_none(), "CI must run the XDP test: {why}");
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+    }
+}
+
 fn capable() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
@@ -111,9 +123,7 @@ fn wakeups_per_sec(pid: u32, secs: f64) -> f64 {
 
 #[test]
 fn idle_flows_are_closed_by_the_kernel_and_pinging_ones_never() {
-    if let Err(why) = capable() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the XDP test: {why}");
-        eprintln!("SKIPPED: {why}");
+    if !can_run() {
         return;
     }
     for (tag, backend) in [("u", "uring"), ("t", "tokio")] {
@@ -186,9 +196,7 @@ fn idle_flows_are_closed_by_the_kernel_and_pinging_ones_never() {
 
 #[test]
 fn auto_mode_without_privileges_falls_back_to_userspace_and_says_why() {
-    if let Err(why) = capable() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the XDP test: {why}");
-        eprintln!("SKIPPED: {why}");
+    if !can_run() {
         return;
     }
     let dir = testkit::temp_dir("xdp-auto");

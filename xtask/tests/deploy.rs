@@ -15,15 +15,18 @@ fn deploy_root_produces_the_documented_layout() {
     // Any executable stands in for the release build (the test checks the layout, not the binary).
     let binary = tmp.with_extension("bin");
     std::fs::write(&binary, b"#!/bin/sh\necho egress\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(root())
-        .args(["deploy", "--root"])
-        .arg(&tmp)
-        .arg("--binary")
-        .arg(&binary)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deploy = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .current_dir(root())
+            .args(["deploy", "--root"])
+            .arg(&tmp)
+            .arg("--binary")
+            .arg(&binary)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    deploy();
     // Every path in the "Installed layout" table of OPERATIONS.md exists under the root.
     let ops = std::fs::read_to_string(root().join("docs/OPERATIONS.md")).unwrap();
     let table = ops.split("### Installed layout").nth(1).expect("layout section");
@@ -43,15 +46,7 @@ fn deploy_root_produces_the_documented_layout() {
     assert_eq!(std::fs::metadata(tmp.join("var/lib/broflake-egress")).unwrap().permissions().mode() & 0o777, 0o700);
     // A second deploy (an upgrade) keeps the operator's configuration.
     std::fs::write(tmp.join("etc/broflake-egress/egress.toml"), "# mine\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(root())
-        .args(["deploy", "--root"])
-        .arg(&tmp)
-        .arg("--binary")
-        .arg(&binary)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    deploy();
     assert_eq!(std::fs::read_to_string(tmp.join("etc/broflake-egress/egress.toml")).unwrap(), "# mine\n");
     assert!(tmp.join("etc/broflake-egress/egress.toml.dist").exists());
     let _ = std::fs::remove_dir_all(&tmp);
