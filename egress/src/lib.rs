@@ -15,7 +15,6 @@ pub mod registry;
 pub mod shared;
 pub mod tls;
 pub mod tokio_io;
-pub use broflake_wscodec::upgrade;
 pub mod uring;
 pub use broflake_wscodec as wscodec;
 pub mod xdp;

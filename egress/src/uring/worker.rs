@@ -539,19 +539,13 @@ impl Worker {
         let r = wscodec::feed(&mut rx, data, max_message, |ev| match ev {
             WsEvent::Binary(msg) => {
                 let r = handle_binary(conn, shared, now, msg, tx, thread, idx, gen, counts);
-                if !tx.is_empty() {
-                    wscodec::frame_header(0x2, tx.len(), wsout);
-                    wsout.extend_from_slice(tx);
-                    tx.clear();
-                }
+                move_as_message(tx, wsout);
                 r.map_err(End::Close)
             }
             WsEvent::Ping(p) => {
                 if let Err(close) = conn.session.ws_ping(&shared.session, now, tx) {
                     // The ERROR frame the session wrote goes out before the close.
-                    wscodec::frame_header(0x2, tx.len(), wsout);
-                    wsout.extend_from_slice(tx);
-                    tx.clear();
+                    move_as_message(tx, wsout);
                     return Err(End::Close(close));
                 }
                 wscodec::frame_header(0xA, p.len(), wsout);
@@ -619,6 +613,17 @@ impl Worker {
         if matches!(close.code, ErrorCode::IDLE_TIMEOUT) {
             self.shared.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Sends `payload` (Broflake frames) as one binary WebSocket message; nothing when empty.
+    fn queue_message(&mut self, idx: u32, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let mut f = Vec::with_capacity(payload.len() + 10);
+        wscodec::frame_header(0x2, payload.len(), &mut f);
+        f.extend_from_slice(payload);
+        self.queue_out(idx, &f);
     }
 
     /// Queues bytes (plaintext for TLS connections) and starts a send if none is in flight.
@@ -833,12 +838,7 @@ impl Worker {
             let c = &mut self.conns[idx as usize];
             let mut tx = Vec::new();
             let close = c.session.fail(ErrorCode::IDLE_TIMEOUT, "idle timeout (xdp)", &mut tx);
-            if !tx.is_empty() {
-                let mut f = Vec::with_capacity(tx.len() + 4);
-                wscodec::frame_header(0x2, tx.len(), &mut f);
-                f.extend_from_slice(&tx);
-                self.queue_out(idx, &f);
-            }
+            self.queue_message(idx, &tx);
             metrics::counter!(m::IDLE_CLOSES, "source" => "xdp").increment(1);
             self.shared.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
             self.shared.stats.xdp_closed.fetch_add(1, Ordering::Relaxed);
@@ -980,12 +980,7 @@ impl Worker {
         let mut tx = std::mem::take(&mut self.tx);
         tx.clear();
         let r = c.session.on_timeout(&self.shared.session, now, &mut tx);
-        if !tx.is_empty() {
-            let mut f = Vec::with_capacity(tx.len() + 4);
-            wscodec::frame_header(0x2, tx.len(), &mut f);
-            f.extend_from_slice(&tx);
-            self.queue_out(idx, &f);
-        }
+        self.queue_message(idx, &tx);
         self.tx = tx;
         match r {
             Ok(()) => {
@@ -1023,10 +1018,7 @@ impl Worker {
             self.shared.stats.goaways.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(m::CONNECTIONS, "backend" => "uring", "state" => "open").decrement(1.0);
             metrics::gauge!(m::CONNECTIONS, "backend" => "uring", "state" => "draining").increment(1.0);
-            let mut f = Vec::with_capacity(tx.len() + 4);
-            wscodec::frame_header(0x2, tx.len(), &mut f);
-            f.extend_from_slice(&tx);
-            self.queue_out(idx, &f);
+            self.queue_message(idx, &tx);
             self.refile(idx);
         }
     }
@@ -1066,11 +1058,21 @@ impl Worker {
     }
 }
 
+/// Moves `payload` (Broflake frames) to the end of `out` as one binary WebSocket message;
+/// nothing when empty.
+fn move_as_message(payload: &mut Vec<u8>, out: &mut Vec<u8>) {
+    if !payload.is_empty() {
+        wscodec::frame_header(0x2, payload.len(), out);
+        out.extend_from_slice(payload);
+        payload.clear();
+    }
+}
+
 /// How often the per-message counters go to `metrics` (at most this stale in a scrape).
 const COUNTS_FLUSH_MS: u64 = 200;
 
-/// Per-message counters, added up in the loop and handed to `metrics` once per tick (a
-/// registry lookup per PING would cost more than the PING itself).
+/// Per-message counters, added up in the loop and handed to `metrics` every
+/// [`COUNTS_FLUSH_MS`] (a registry lookup per PING would cost more than the PING itself).
 #[derive(Default)]
 struct Counts {
     frames_rx: [u64; m::FRAME_TYPES.len()],
