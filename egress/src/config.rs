@@ -65,7 +65,7 @@ pub struct Io {
     pub threads: usize,
     /// io_uring: what an idle connection keeps armed (`poll`: a multishot poll, ≈256 B of
     /// kernel memory; `recv`: a multishot receive into the provided buffer ring, ≈860 B).
-    pub uring_read: crate::uring::ReadMode,
+    pub uring_read: ReadMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,7 +186,7 @@ impl Default for Listen {
 
 impl Default for Io {
     fn default() -> Self {
-        Io { backend: Backend::Auto, threads: 0, uring_read: crate::uring::ReadMode::Poll }
+        Io { backend: Backend::Auto, threads: 0, uring_read: ReadMode::Poll }
     }
 }
 
@@ -368,4 +368,15 @@ mod tests {
         let c = Config::parse("[liveness]\nmode = \"server-ping\"\n").unwrap();
         assert_eq!(c.session_config().server_ping, ServerPing::All);
     }
+}
+
+/// How an idle io_uring connection waits for bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadMode {
+    /// A multishot poll is armed; bytes are read with recv(2) into the thread's buffer.
+    /// ≈256 B of kernel memory per idle socket.
+    Poll,
+    /// A multishot receive into the thread's provided buffer ring. ≈860 B per idle socket.
+    Recv,
 }

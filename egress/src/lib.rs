@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod listen;
+pub mod liveness;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -91,7 +93,7 @@ impl Egress {
             stats: shared.stats.clone(),
         });
         tasks.spawn(proxy::serve(quic.endpoint.clone(), settings));
-        tasks.spawn(sweeper(shared.clone(), stop_rx.clone()));
+        tasks.spawn(liveness::sweeper(shared.clone(), stop_rx.clone()));
 
         let mut ws_addrs = Vec::new();
         let mut wss_addrs = Vec::new();
@@ -107,20 +109,45 @@ impl Egress {
             wss_addrs = wss;
             uring_workers = Some(u);
         } else {
+            let routes = Arc::new(tokio_io::RouteTable::default());
+            shared.quic.set_sink(routes.clone());
             let acceptor = tokio_rustls::TlsAcceptor::from(wss_config);
             for (addrs, out, tls) in
                 [(&config.listen.ws, &mut ws_addrs, None), (&config.listen.wss, &mut wss_addrs, Some(acceptor))]
             {
                 for addr in addrs {
-                    let std = tokio_io::bind(*addr, config.listen.backlog)
+                    let std = listen::bind(*addr, config.listen.backlog)
                         .with_context(|| format!("cannot listen on {addr}"))?;
                     let listener = tokio::net::TcpListener::from_std(std)?;
                     out.push(listener.local_addr()?);
-                    tasks.spawn(tokio_io::serve(listener, tls.clone(), shared.clone(), stop_rx.clone()));
+                    tasks.spawn(tokio_io::serve(
+                        listener,
+                        tls.clone(),
+                        shared.clone(),
+                        routes.clone(),
+                        stop_rx.clone(),
+                    ));
                 }
             }
         }
-        let liveness = start_liveness(&config, &shared, &ws_addrs, &wss_addrs, &mut tasks)?;
+        // Where the kernel's idle-flow reports go: the io_uring workers' inboxes, or the
+        // registry's connection for the tokio backend.
+        let expire: liveness::Expire = match &uring_workers {
+            Some(u) => {
+                let routes = u.routes();
+                Box::new(move |peer| routes.expire(peer))
+            }
+            None => {
+                let conns = shared.conns.clone();
+                Box::new(move |peer| {
+                    if let Some(c) = conns.find_peer(peer) {
+                        c.kill.store(true, std::sync::atomic::Ordering::Relaxed);
+                        c.wake.notify_one();
+                    }
+                })
+            }
+        };
+        let liveness = liveness::start(&config, &shared, &ws_addrs, &wss_addrs, expire, &mut tasks)?;
         let mut admin_addr = None;
         let readiness = Arc::new(admin::Readiness::default());
         readiness.liveness_ready.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -154,7 +181,6 @@ impl Egress {
     /// Routes (connection, label) open now.
     pub fn routes(&self) -> usize {
         self.shared.quic.route_count()
-            + self.shared.uring_routes.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -206,97 +232,5 @@ impl Egress {
         self.shared.quic.endpoint.close(0u32.into(), b"egress shutting down");
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
-    }
-}
-
-/// Chooses the liveness mode; in xdp (or auto) mode loads and attaches the XDP program and
-/// starts the task that closes the connections of flows the kernel reports idle.
-fn start_liveness(
-    config: &Config,
-    shared: &Arc<Shared>,
-    ws: &[SocketAddr],
-    wss: &[SocketAddr],
-    tasks: &mut JoinSet<()>,
-) -> Result<LivenessMode> {
-    let mode = config.liveness.mode;
-    let liveness = match mode {
-        LivenessMode::Xdp | LivenessMode::Auto => {
-            let mut xc = xdp::XdpConfig::from_config(config);
-            xc.ports = ws.iter().chain(wss).map(SocketAddr::port).collect();
-            xc.ports.sort_unstable();
-            xc.ports.dedup();
-            let loaded = if xc.interfaces.is_empty() {
-                Err("liveness.interfaces is empty: name the interfaces that carry client traffic".to_string())
-            } else {
-                xdp::Xdp::load(&xc).map_err(|e| e.to_string())
-            };
-            match loaded {
-                Ok(x) => {
-                    for a in x.attached() {
-                        tracing::info!(interface = %a.interface, native = a.native, "XDP liveness attached");
-                    }
-                    shared.kernel_liveness.store(true, std::sync::atomic::Ordering::Relaxed);
-                    tasks.spawn(expire_task(x, shared.clone()));
-                    LivenessMode::Xdp
-                }
-                Err(why) if mode == LivenessMode::Auto => {
-                    tracing::info!(reason = %why, "liveness: auto chose userspace");
-                    LivenessMode::Userspace
-                }
-                Err(why) => anyhow::bail!("liveness.mode = \"xdp\" cannot run: {why}"),
-            }
-        }
-        m => m,
-    };
-    for name in ["userspace", "server-ping", "xdp"] {
-        let active = matches!(
-            (name, liveness),
-            ("userspace", LivenessMode::Userspace)
-                | ("server-ping", LivenessMode::ServerPing)
-                | ("xdp", LivenessMode::Xdp)
-        );
-        ::metrics::gauge!(crate::metrics::LIVENESS_MODE, "mode" => name).set(if active { 1.0 } else { 0.0 });
-    }
-    Ok(liveness)
-}
-
-/// Reads flows the kernel expired and closes their connections (in whichever backend).
-async fn expire_task(mut x: xdp::Xdp, shared: Arc<Shared>) {
-    xdp::describe_metrics();
-    let mut publish = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            flow = x.next_expired() => {
-                let Some(flow) = flow else { return };
-                shared.stats.xdp_expired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let inboxes = shared.quic.uring_inboxes();
-                if inboxes.is_empty() {
-                    if let Some(c) = shared.conns.find_peer(flow.peer) {
-                        c.kill.store(true, std::sync::atomic::Ordering::Relaxed);
-                        c.wake.notify_one();
-                    }
-                } else {
-                    for inbox in inboxes {
-                        inbox.expire(flow.peer);
-                    }
-                }
-            }
-            _ = publish.tick() => x.publish_metrics(),
-        }
-    }
-}
-
-/// The user-space deadline sweep (see [`registry`]).
-async fn sweeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(shared.config.liveness.sweep_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let woken = shared.conns.sweep(shared.now());
-        ::metrics::counter!(crate::metrics::SWEEPS).increment(1);
-        ::metrics::counter!(crate::metrics::SWEEP_WAKEUPS).increment(woken as u64);
     }
 }

@@ -1,165 +1,55 @@
 //! The QUIC side: one quinn endpoint over a [`VirtualSocket`]. Every (connection, label)
-//! pair is a route with its own virtual address; packets from quinn go back to the right
-//! connection and label, already framed as DATA.
+//! pair is a route with its own virtual address (a route id); packets from quinn go to the
+//! backend's [`RouteSink`], which frames them as DATA for the right connection and label.
 
 use crate::metrics as m;
 use broflake_tunnel::{route_addr, route_id, Inbound, PacketSink, VirtualSocket};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use std::sync::Arc;
 
-/// Where a route's packets go: the owning connection's queue, and its label there.
-#[derive(Debug, Clone)]
-struct Target {
-    tx: mpsc::Sender<Bytes>,
-    label: u64,
+/// Where the endpoint's packets for a route go. Each backend implements it where it lives
+/// (the tokio backend's route table, the io_uring workers' inboxes), so the bridge knows no
+/// backend and no backend's id layout.
+pub trait RouteSink: Send + Sync + std::fmt::Debug {
+    /// Queues `packet` for route `id`, framed as a DATA frame for the route's label.
+    fn send(&self, id: u64, packet: &[u8]) -> Result<(), Dropped>;
+    /// Routes open now.
+    fn route_count(&self) -> usize;
 }
 
+/// Why a packet from the endpoint was not queued (QUIC recovers from the loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The route is gone (its connection closed).
+    RouteGone,
+    /// The connection is not draining its queue (slow reader).
+    QueueFull,
+}
+
+impl Dropped {
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::RouteGone => "route_gone",
+            Dropped::QueueFull => "send_queue_full",
+        }
+    }
+}
+
+/// The endpoint's side of the virtual socket: forwards to the backend's sink.
 #[derive(Debug, Default)]
 struct Routes {
-    map: Mutex<HashMap<u64, Target>>,
-    /// Inboxes of the io_uring worker threads (index = thread number).
-    uring: std::sync::OnceLock<Vec<Arc<Inbox>>>,
-}
-
-/// Route ids of io_uring connections carry their address: no per-route state at all.
-/// Layout: `1 | thread (5) | slot (22) | generation (8) | label (28)`.
-pub mod uring_route {
-    pub const MAX_THREADS: usize = 32;
-    pub const MAX_SLOTS: u32 = 1 << 22;
-    pub const MAX_LABEL: u64 = (1 << 28) - 1;
-
-    pub fn encode(thread: u8, slot: u32, gen: u8, label: u64) -> u64 {
-        debug_assert!((thread as usize) < MAX_THREADS && slot < MAX_SLOTS && label <= MAX_LABEL);
-        (1 << 63) | (u64::from(thread) << 58) | (u64::from(slot) << 36) | (u64::from(gen) << 28) | label
-    }
-
-    /// (thread, slot, generation, label) of an encoded id.
-    pub fn decode(id: u64) -> Option<(u8, u32, u8, u64)> {
-        (id >> 63 == 1).then_some((
-            ((id >> 58) & 0x1f) as u8,
-            ((id >> 36) as u32) & (MAX_SLOTS - 1),
-            (id >> 28) as u8,
-            id & MAX_LABEL,
-        ))
-    }
-}
-
-/// DATA frames from the QUIC endpoint to one io_uring worker: one byte arena and an index,
-/// swapped out whole by the worker, so queuing a packet allocates nothing (amortised).
-#[derive(Debug)]
-pub struct Inbox {
-    queue: Mutex<OutQueue>,
-    /// Peers whose flows the kernel reported idle (xdp mode).
-    expired: Mutex<Vec<SocketAddr>>,
-    /// eventfd the worker's ring reads; written when the queue becomes non-empty.
-    pub efd: i32,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-/// Queued frames: `bytes[start..end]` is one encoded DATA frame for (slot, generation).
-#[derive(Debug, Default)]
-pub struct OutQueue {
-    pub bytes: Vec<u8>,
-    pub items: Vec<(u32, u8, u32, u32)>,
-}
-
-/// Per-worker cap on queued bytes; beyond it packets are dropped (QUIC backs off).
-const INBOX_LIMIT: usize = 8 << 20;
-
-impl Inbox {
-    pub fn new() -> std::io::Result<Arc<Inbox>> {
-        // SAFETY: plain eventfd creation; the fd is owned by the Inbox.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Arc::new(Inbox {
-            queue: Mutex::new(OutQueue::default()),
-            expired: Mutex::new(Vec::new()),
-            efd,
-            armed: Default::default(),
-        }))
-    }
-
-    fn push(&self, slot: u32, gen: u8, label: u64, packet: &[u8]) -> bool {
-        {
-            let mut q = self.queue.lock().expect("inbox poisoned");
-            if q.bytes.len() > INBOX_LIMIT {
-                return false;
-            }
-            let start = q.bytes.len() as u32;
-            broflake_proto::frame::encode_data(label, packet, &mut q.bytes);
-            let end = q.bytes.len() as u32;
-            q.items.push((slot, gen, start, end));
-        }
-        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
-            unsafe { libc::write(self.efd, (&one as *const u64).cast(), 8) };
-        }
-        true
-    }
-
-    /// Asks the worker to close the connection of `peer`, if it holds it (xdp expiry).
-    pub fn expire(&self, peer: SocketAddr) {
-        self.expired.lock().expect("inbox poisoned").push(peer);
-        self.wake();
-    }
-
-    /// Peers to close, taken.
-    pub fn take_expired(&self) -> Vec<SocketAddr> {
-        std::mem::take(&mut *self.expired.lock().expect("inbox poisoned"))
-    }
-
-    fn wake(&self) {
-        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
-            unsafe { libc::write(self.efd, (&one as *const u64).cast(), 8) };
-        }
-    }
-
-    /// Takes everything queued, leaving `spare` (cleared) in its place.
-    pub fn take(&self, spare: &mut OutQueue) {
-        spare.bytes.clear();
-        spare.items.clear();
-        self.armed.store(false, std::sync::atomic::Ordering::Release);
-        let mut q = self.queue.lock().expect("inbox poisoned");
-        std::mem::swap(&mut *q, spare);
-    }
-}
-
-impl Drop for Inbox {
-    fn drop(&mut self) {
-        // SAFETY: closing the eventfd this Inbox created.
-        unsafe { libc::close(self.efd) };
-    }
+    sink: std::sync::OnceLock<Arc<dyn RouteSink>>,
 }
 
 impl PacketSink for Routes {
     fn send(&self, destination: SocketAddr, packet: &[u8]) {
-        if let Some((thread, slot, gen, label)) = route_id(destination).and_then(uring_route::decode) {
-            let inbox = self.uring.get().and_then(|v| v.get(thread as usize));
-            if !inbox.is_some_and(|i| i.push(slot, gen, label, packet)) {
-                metrics::counter!(m::PACKETS_DROPPED, "reason" => "send_queue_full").increment(1);
-            }
-            return;
-        }
-        let target = route_id(destination).and_then(|id| self.map.lock().expect("routes poisoned").get(&id).cloned());
-        let Some(target) = target else {
-            metrics::counter!(m::PACKETS_DROPPED, "reason" => "route_gone").increment(1);
-            return;
+        let r = match (route_id(destination), self.sink.get()) {
+            (Some(id), Some(sink)) => sink.send(id, packet),
+            _ => Err(Dropped::RouteGone),
         };
-        let mut frame =
-            Vec::with_capacity(broflake_proto::frame::data_overhead(target.label, packet.len()) + packet.len() + 8);
-        broflake_proto::frame::encode_data(target.label, packet, &mut frame);
-        if target.tx.try_send(Bytes::from(frame)).is_err() {
-            // The connection is not draining its queue (slow reader): drop, QUIC backs off.
-            metrics::counter!(m::PACKETS_DROPPED, "reason" => "send_queue_full").increment(1);
+        if let Err(why) = r {
+            metrics::counter!(m::PACKETS_DROPPED, "reason" => why.label()).increment(1);
         }
     }
 }
@@ -169,7 +59,6 @@ impl PacketSink for Routes {
 pub struct QuicBridge {
     routes: Arc<Routes>,
     inbound: Inbound,
-    next_id: AtomicU64,
     pub endpoint: quinn::Endpoint,
 }
 
@@ -195,21 +84,7 @@ impl QuicBridge {
         config.reset_key(reset_key(reset_secret));
         let endpoint =
             quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?;
-        Ok(Arc::new(QuicBridge { routes, inbound, next_id: AtomicU64::new(1), endpoint }))
-    }
-
-    /// Opens a route for `label` on the connection whose packet queue is `tx`.
-    pub fn open_route(&self, tx: mpsc::Sender<Bytes>, label: u64) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.routes.map.lock().expect("routes poisoned").insert(id, Target { tx, label });
-        metrics::gauge!(m::ROUTES).increment(1.0);
-        id
-    }
-
-    pub fn close_route(&self, id: u64) {
-        if self.routes.map.lock().expect("routes poisoned").remove(&id).is_some() {
-            metrics::gauge!(m::ROUTES).decrement(1.0);
-        }
+        Ok(Arc::new(QuicBridge { routes, inbound, endpoint }))
     }
 
     /// Hands a QUIC packet that arrived on route `id` to the endpoint.
@@ -219,18 +94,14 @@ impl QuicBridge {
         }
     }
 
-    /// The io_uring workers' inboxes (empty with the tokio backend).
-    pub fn uring_inboxes(&self) -> &[Arc<Inbox>] {
-        self.routes.uring.get().map_or(&[], |v| v.as_slice())
-    }
-
-    /// Registers the io_uring workers' inboxes (once, at start-up).
-    pub fn set_uring_inboxes(&self, inboxes: Vec<Arc<Inbox>>) {
-        let _ = self.routes.uring.set(inboxes);
+    /// Connects the endpoint to the backend's routes (once, at start-up; packets sent before
+    /// are dropped as for a gone route).
+    pub fn set_sink(&self, sink: Arc<dyn RouteSink>) {
+        let _ = self.routes.sink.set(sink);
     }
 
     pub fn route_count(&self) -> usize {
-        self.routes.map.lock().expect("routes poisoned").len()
+        self.routes.sink.get().map_or(0, |s| s.route_count())
     }
 }
 

@@ -25,8 +25,6 @@ pub struct Shared {
     /// Idle timeouts are enforced by the kernel (xdp mode): user space keeps no idle deadline.
     pub kernel_liveness: std::sync::atomic::AtomicBool,
     pub stats: Arc<Stats>,
-    /// Routes open on io_uring connections (the tokio backend's are in the QUIC bridge).
-    pub uring_routes: std::sync::atomic::AtomicI64,
     ids: AtomicU64,
     seed: std::collections::hash_map::RandomState,
 }
@@ -45,7 +43,6 @@ impl Shared {
             drain_deadline: AtomicU64::new(0),
             kernel_liveness: std::sync::atomic::AtomicBool::new(kernel_liveness),
             stats: Arc::new(Stats::default()),
-            uring_routes: std::sync::atomic::AtomicI64::new(0),
             ids: AtomicU64::new(0),
             seed: std::collections::hash_map::RandomState::new(),
         }

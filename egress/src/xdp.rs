@@ -10,48 +10,8 @@
 //! The program never drops or changes a packet (it always returns XDP_PASS), so a fault in
 //! it can only cost liveness tracking, never traffic.
 //!
-//! # Wiring it into the egress
-//!
-//! In [`crate::Egress::start`], where the liveness mode is chosen:
-//!
-//! ```ignore
-//! let xdp = match config.liveness.mode {
-//!     LivenessMode::Xdp | LivenessMode::Auto => match xdp::Xdp::load(&xdp::XdpConfig::from_config(&config)) {
-//!         Ok(x) => Some(x), // log x.attached(): which interfaces, native or generic
-//!         Err(e) if config.liveness.mode == LivenessMode::Auto => {
-//!             tracing::info!(reason = %e, "liveness: auto chose userspace");
-//!             None
-//!         }
-//!         Err(e) => return Err(e).context("liveness.mode = \"xdp\""),
-//!     },
-//!     _ => None,
-//! };
-//! // Shared::new(.., kernel_liveness = xdp.is_some()), set the LIVENESS_MODE gauges, then:
-//! if let Some(mut xdp) = xdp {
-//!     xdp::describe_metrics();
-//!     tasks.spawn(async move {
-//!         let mut publish = tokio::time::interval(Duration::from_secs(1));
-//!         loop {
-//!             tokio::select! {
-//!                 Some(flow) = xdp.next_expired() => {
-//!                     // Close the connection with ErrorCode::IDLE_TIMEOUT, close reason
-//!                     // "idle timeout (xdp)", and count
-//!                     // metrics::counter!(IDLE_CLOSES, "source" => "xdp").
-//!                     if let Some(conn) = shared.conns.find_peer(flow.peer) { /* close it */ }
-//!                 }
-//!                 _ = publish.tick() => xdp.publish_metrics(),
-//!                 _ = stop.changed() => return, // dropping `xdp` detaches the program
-//!             }
-//!         }
-//!     });
-//! }
-//! ```
-//!
-//! `ConnHandle` has no "close now" signal yet: one way is an `AtomicBool` (or a reason code)
-//! set before `conn.wake.notify_one()`, checked by the connection's `on_deadline`. With an
-//! empty `liveness.interfaces` [`Xdp::load`] loads the program but attaches it nowhere, which
-//! is only useful to tests: the wiring should choose the interfaces (e.g. those carrying the
-//! listen addresses) or fall back to userspace.
+//! [`crate::Egress::start`] chooses the mode (`auto` falls back to userspace with the reason
+//! logged) and runs the task that closes the connections of expired flows in either backend.
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::xdp::XdpLinkId;

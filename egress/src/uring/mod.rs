@@ -3,14 +3,24 @@
 //! a multishot receive into a provided buffer ring shared by the thread; WebSocket frames
 //! parsed in place; the same `proto` server session as the tokio backend; PING answered
 //! inside the loop; a coarse per-thread timer wheel; DATA bridged to the QUIC endpoint with
-//! no per-route state (route ids encode the connection, see [`crate::quic::uring_route`]).
+//! no per-route state (route ids encode the connection, see [`routes::route_id`]).
 
+mod accept;
 mod bufring;
+mod close;
 mod conn;
+mod counts;
+mod iptable;
+mod read;
+pub mod routes;
+mod send;
+mod timers;
 mod wheel;
 mod worker;
+mod ws;
 
-use crate::quic::Inbox;
+use crate::config::ReadMode;
+use crate::listen::bind;
 use crate::shared::Shared;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
@@ -19,17 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use conn::size_of_conn;
-
-/// How an idle connection waits for bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ReadMode {
-    /// A multishot poll is armed; bytes are read with recv(2) into the thread's buffer.
-    /// ≈256 B of kernel memory per idle socket.
-    Poll,
-    /// A multishot receive into the thread's provided buffer ring. ≈860 B per idle socket.
-    Recv,
-}
+use routes::{route_id, Inbox, UringRoutes};
 
 /// Whether io_uring works here, and if not, why (for `auto` and its log line).
 pub fn probe() -> Result<(), String> {
@@ -58,7 +58,7 @@ pub fn probe() -> Result<(), String> {
 pub struct Uring {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    inboxes: Vec<Arc<Inbox>>,
+    routes: Arc<UringRoutes>,
 }
 
 impl Uring {
@@ -70,7 +70,7 @@ impl Uring {
         threads: usize,
         mode: ReadMode,
     ) -> Result<(Uring, Vec<SocketAddr>, Vec<SocketAddr>)> {
-        let threads = threads.clamp(1, crate::quic::uring_route::MAX_THREADS);
+        let threads = threads.clamp(1, route_id::MAX_THREADS);
         let cfg = &shared.config;
         // Bind the first socket of each address to learn the port (port 0 in tests), then the
         // other threads' sockets on exactly that address.
@@ -78,8 +78,7 @@ impl Uring {
         let mut first_fds: Vec<i32> = Vec::new();
         let (mut ws_addrs, mut wss_addrs) = (Vec::new(), Vec::new());
         for (addr, tls) in cfg.listen.ws.iter().map(|a| (*a, false)).chain(cfg.listen.wss.iter().map(|a| (*a, true))) {
-            let l =
-                crate::tokio_io::bind(addr, cfg.listen.backlog).with_context(|| format!("cannot listen on {addr}"))?;
+            let l = bind(addr, cfg.listen.backlog).with_context(|| format!("cannot listen on {addr}"))?;
             let bound = l.local_addr()?;
             if tls {
                 wss_addrs.push(bound)
@@ -90,7 +89,8 @@ impl Uring {
             first_fds.push(l.into_raw_fd());
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let mut inboxes = Vec::new();
+        let inboxes = (0..threads).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>();
+        let routes = Arc::new(UringRoutes { inboxes: inboxes.context("cannot create an eventfd")?, open: 0.into() });
         let mut handles = Vec::new();
         for t in 0..threads {
             let mut listeners = Vec::new();
@@ -98,20 +98,18 @@ impl Uring {
                 let fd = if t == 0 {
                     first_fds[i]
                 } else {
-                    crate::tokio_io::bind(*addr, cfg.listen.backlog)
+                    bind(*addr, cfg.listen.backlog)
                         .with_context(|| format!("cannot listen on {addr} (thread {t})"))?
                         .into_raw_fd()
                 };
                 listeners.push((fd, *tls));
             }
-            let inbox = Inbox::new().context("cannot create an eventfd")?;
-            inboxes.push(inbox.clone());
             // The ring is created on its own thread: SINGLE_ISSUER binds it to its creator.
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let (shared2, wss2, stop2) = (shared.clone(), wss.clone(), stop.clone());
+            let (shared2, wss2, stop2, routes2) = (shared.clone(), wss.clone(), stop.clone(), routes.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("uring-{t}"))
-                .spawn(move || match worker::Worker::new(t as u8, shared2, listeners, wss2, inbox, stop2, mode) {
+                .spawn(move || match worker::Worker::new(t as u8, shared2, listeners, wss2, routes2, stop2, mode) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
                         w.run();
@@ -127,17 +125,20 @@ impl Uring {
                 .with_context(|| format!("cannot set up io_uring worker {t}"))?;
             handles.push(handle);
         }
-        shared.quic.set_uring_inboxes(inboxes.clone());
-        Ok((Uring { stop, threads: handles, inboxes }, ws_addrs, wss_addrs))
+        shared.quic.set_sink(routes.clone());
+        Ok((Uring { stop, threads: handles, routes }, ws_addrs, wss_addrs))
+    }
+
+    /// The workers' routes (XDP expiries go to their inboxes).
+    pub fn routes(&self) -> Arc<UringRoutes> {
+        self.routes.clone()
     }
 
     /// Stops the workers and waits for them (connections are dropped).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        for inbox in &self.inboxes {
-            let one: u64 = 1;
-            // SAFETY: 8-byte write to the worker's eventfd to wake it.
-            unsafe { libc::write(inbox.efd, (&one as *const u64).cast(), 8) };
+        for inbox in &self.routes.inboxes {
+            inbox.kick();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -2,6 +2,10 @@
 //! `proto` server session as the io_uring backend. No task owns a timer: deadlines go to the
 //! registry's sweep.
 
+mod routes;
+
+pub use routes::RouteTable;
+
 use crate::metrics as m;
 use crate::registry::{Admission, Registration};
 use crate::shared::{Shared, WsClose};
@@ -27,6 +31,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
+    routes: Arc<RouteTable>,
     mut stop: watch::Receiver<bool>,
 ) {
     let kind = if tls.is_some() { "wss" } else { "ws" };
@@ -54,6 +59,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let routes = routes.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             // One handshake deadline from accept across TLS, the HTTP upgrade and HELLO, as on
@@ -63,9 +69,9 @@ pub async fn serve(
                 deadline: tokio::time::Instant::now() + shared.config.liveness.handshake_timeout,
             };
             match tls {
-                None => connection(stream, peer, reg, shared, accepted).await,
+                None => connection(stream, peer, reg, shared, routes, accepted).await,
                 Some(acceptor) => match tokio::time::timeout_at(accepted.deadline, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => connection(s, peer, reg, shared, accepted).await,
+                    Ok(Ok(s)) => connection(s, peer, reg, shared, routes, accepted).await,
                     Ok(Err(e)) => {
                         metrics::counter!(m::UPGRADE_REFUSALS, "reason" => "tls").increment(1);
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -97,8 +103,14 @@ struct Accepted {
     deadline: tokio::time::Instant,
 }
 
-async fn connection<S>(mut stream: S, peer: SocketAddr, reg: Registration, shared: Arc<Shared>, accepted: Accepted)
-where
+async fn connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    reg: Registration,
+    shared: Arc<Shared>,
+    routes: Arc<RouteTable>,
+    accepted: Accepted,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // The same upgrade parser and bounds as the io_uring backend (8 KiB head, one deadline
@@ -130,7 +142,7 @@ where
         _ => return,
     }
     let ws = WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config(&shared))).await;
-    Conn::new(ws, reg, shared, accepted.at).run().await;
+    Conn::new(ws, reg, shared, routes, accepted.at).run().await;
 }
 
 /// Reads until the request head is complete or refused (never past the 8 KiB bound).
@@ -181,11 +193,12 @@ struct Conn<S> {
     ws: WebSocketStream<S>,
     reg: Registration,
     shared: Arc<Shared>,
+    route_table: Arc<RouteTable>,
     session: ServerSession,
     /// DATA frames from the QUIC endpoint, already encoded.
     out_tx: mpsc::Sender<Bytes>,
     out_rx: mpsc::Receiver<Bytes>,
-    /// label → route id in the QUIC bridge. Empty (no heap) on idle connections.
+    /// label → route id in the route table. Empty (no heap) on idle connections.
     routes: HashMap<u64, u64>,
     tx: Vec<u8>,
     state: &'static str,
@@ -198,6 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         ws: WebSocketStream<S>,
         reg: Registration,
         shared: Arc<Shared>,
+        route_table: Arc<RouteTable>,
         accepted: broflake_proto::Timestamp,
     ) -> Self {
         let (out_tx, out_rx) = mpsc::channel(shared.config.limits.send_queue_packets);
@@ -207,6 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             ws,
             reg,
             shared,
+            route_table,
             session,
             out_tx,
             out_rx,
@@ -230,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.finish(end).await;
         metrics::gauge!(m::CONNECTIONS, "backend" => "tokio", "state" => self.state).decrement(1.0);
         for (_, id) in self.routes.drain() {
-            self.shared.quic.close_route(id);
+            self.route_table.close(id);
         }
     }
 
@@ -411,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     let id = match self.routes.get(&label) {
                         Some(id) => *id,
                         None if new_route => {
-                            let id = self.shared.quic.open_route(self.out_tx.clone(), label);
+                            let id = self.route_table.open(self.out_tx.clone(), label);
                             self.routes.insert(label, id);
                             id
                         }
@@ -421,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
                 ServerEvent::RouteClosed { label, .. } => {
                     if let Some(id) = self.routes.remove(&label) {
-                        self.shared.quic.close_route(id);
+                        self.route_table.close(id);
                     }
                 }
                 ServerEvent::Pong | ServerEvent::None => {}
@@ -519,20 +534,4 @@ fn ws_error(e: WsError) -> Option<WsClose> {
         WsError::Utf8(_) => Some(WsClose { code: 1007, reason: "invalid UTF-8".into() }),
         _ => None,
     }
-}
-
-/// Binds a listening socket with the configured backlog (and SO_REUSEPORT, which the
-/// io_uring backend needs for one listener per thread).
-pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
 }

@@ -1,0 +1,60 @@
+//! The tokio backend's routes: a table from route id to the owning connection's packet
+//! queue and the route's label there.
+
+use crate::metrics as m;
+use crate::quic::{Dropped, RouteSink};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone)]
+struct Target {
+    tx: mpsc::Sender<Bytes>,
+    label: u64,
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    map: Mutex<HashMap<u64, Target>>,
+    next_id: AtomicU64,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        // Ids are below 2^63: the io_uring backend's encoded ids have the top bit set, so the
+        // two never collide in logs or metrics.
+        RouteTable { map: Mutex::default(), next_id: AtomicU64::new(1) }
+    }
+}
+
+impl RouteTable {
+    /// Opens a route for `label` on the connection whose packet queue is `tx`.
+    pub fn open(&self, tx: mpsc::Sender<Bytes>, label: u64) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.map.lock().expect("routes poisoned").insert(id, Target { tx, label });
+        metrics::gauge!(m::ROUTES).increment(1.0);
+        id
+    }
+
+    pub fn close(&self, id: u64) {
+        if self.map.lock().expect("routes poisoned").remove(&id).is_some() {
+            metrics::gauge!(m::ROUTES).decrement(1.0);
+        }
+    }
+}
+
+impl RouteSink for RouteTable {
+    fn send(&self, id: u64, packet: &[u8]) -> Result<(), Dropped> {
+        let target = self.map.lock().expect("routes poisoned").get(&id).cloned().ok_or(Dropped::RouteGone)?;
+        let mut frame =
+            Vec::with_capacity(broflake_proto::frame::data_overhead(target.label, packet.len()) + packet.len() + 8);
+        broflake_proto::frame::encode_data(target.label, packet, &mut frame);
+        target.tx.try_send(Bytes::from(frame)).map_err(|_| Dropped::QueueFull)
+    }
+
+    fn route_count(&self) -> usize {
+        self.map.lock().expect("routes poisoned").len()
+    }
+}
