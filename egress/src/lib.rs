@@ -150,8 +150,8 @@ impl Egress {
         let liveness = liveness::start(&config, &shared, &ws_addrs, &wss_addrs, expire, &mut tasks)?;
         let mut admin_addr = None;
         let readiness = Arc::new(admin::Readiness::default());
-        readiness.liveness_ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        readiness.listening.store(true, std::sync::atomic::Ordering::Relaxed);
+        readiness.flag("listening", true);
+        readiness.flag("liveness", true);
         if let Some(addr) = config.admin.listen {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

@@ -112,19 +112,7 @@ fn effective_config(cli: &Cli) -> Result<Config> {
 }
 
 fn init_logging(c: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log.filter));
-    use std::io::IsTerminal;
-    // Colours only on a terminal: journald and log files get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if c.log.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    broflake_ops::init_logging(&c.log.filter, &c.log.format);
 }
 
 fn main() -> Result<()> {
