@@ -1,0 +1,692 @@
+//! The matchmaking core, sans-IO (quinn-proto style): clients connect, send messages and
+//! leave; the hub answers with [`Action`]s to perform and a deadline to be woken at. No
+//! sockets and no clock of its own: the caller passes `now` (milliseconds) in.
+//!
+//! States and timeouts are specified in docs/SIGNALING.md §4–§5.
+
+use crate::msg::{self, Candidate, ErrorCode, Incoming, MsgError, Outgoing, SessionId};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::IpAddr;
+
+pub type ClientId = u64;
+
+/// Limits and timeouts (all times in milliseconds).
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub max_clients: usize,
+    pub max_clients_per_ip: u32,
+    pub max_slots_per_volunteer: u32,
+    pub max_sessions: usize,
+    pub max_candidates_per_side: u32,
+    /// The first message must arrive within this.
+    pub hello_timeout: u64,
+    /// PING interval asked of clients; the service drops a client silent for `idle_timeout`.
+    pub ping_interval: u64,
+    pub idle_timeout: u64,
+    /// A volunteer must answer an offer within this.
+    pub answer_timeout: u64,
+    /// A session (and the consumer's signaling connection) lives at most this long.
+    pub session_ttl: u64,
+    /// Volunteers tried per consumer before it is told none is free.
+    pub max_attempts: u32,
+    pub retry_after: u64,
+    /// Consumer requests per IP: burst, then this many per second.
+    pub consumer_burst: u32,
+    pub consumer_per_sec: u32,
+    /// STUN/TURN servers handed to clients in `registered` and `matched`.
+    pub ice_servers: Vec<msg::IceServer>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_clients: 200_000,
+            max_clients_per_ip: 64,
+            max_slots_per_volunteer: 64,
+            max_sessions: 50_000,
+            max_candidates_per_side: 64,
+            hello_timeout: 5_000,
+            ping_interval: 20_000,
+            idle_timeout: 60_000,
+            answer_timeout: 10_000,
+            session_ttl: 30_000,
+            max_attempts: 3,
+            retry_after: 5_000,
+            consumer_burst: 20,
+            consumer_per_sec: 2,
+            ice_servers: Vec::new(),
+        }
+    }
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(ClientId, Outgoing),
+    /// Close the client's WebSocket with this code and reason (after what was sent before).
+    Close(ClientId, u16, String),
+}
+
+/// Why a connection was refused before it got a client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    PerIpLimit,
+    Capacity,
+}
+
+#[derive(Debug)]
+enum Role {
+    /// Connected, first message not yet seen.
+    Pending,
+    Volunteer {
+        free: u32,
+        /// In the ready queue (to avoid duplicates).
+        queued: bool,
+    },
+    Consumer {
+        session: Option<SessionId>,
+    },
+}
+
+#[derive(Debug)]
+struct Client {
+    ip: IpAddr,
+    role: Role,
+    last_seen: u64,
+    /// Closed by the hub; further input is ignored.
+    closing: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SessionState {
+    /// The offer went to `volunteer`; waiting for its answer.
+    Offered,
+    /// The answer went to the consumer; candidates flow until done or expiry.
+    Answered,
+}
+
+#[derive(Debug)]
+struct Session {
+    consumer: ClientId,
+    volunteer: ClientId,
+    state: SessionState,
+    offer: String,
+    /// The consumer's candidates so far (replayed to the next volunteer after a decline).
+    consumer_candidates: Vec<Candidate>,
+    volunteer_candidates: u32,
+    tried: Vec<ClientId>,
+    expires: u64,
+    answer_by: u64,
+}
+
+#[derive(Debug, Default)]
+struct IpState {
+    clients: u32,
+    tokens: f64,
+    refilled: u64,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Hello(ClientId),
+    Idle(ClientId),
+    Answer(SessionId),
+    Expire(SessionId),
+}
+
+/// Counts the hub keeps (the server turns them into metrics).
+#[derive(Debug, Default, Clone)]
+pub struct HubStats {
+    pub matches: u64,
+    pub unavailable: u64,
+    pub declines: u64,
+    pub answer_timeouts: u64,
+    pub sessions_expired: u64,
+    pub candidates_dropped: u64,
+    pub unknown_types: u64,
+}
+
+/// The matchmaking state.
+#[derive(Debug)]
+pub struct Hub {
+    cfg: HubConfig,
+    clients: HashMap<ClientId, Client>,
+    next_id: ClientId,
+    ready: VecDeque<ClientId>,
+    sessions: HashMap<SessionId, Session>,
+    ips: HashMap<IpAddr, IpState>,
+    timers: BinaryHeap<std::cmp::Reverse<(u64, Timer)>>,
+    actions: VecDeque<Action>,
+    rng: Rng,
+    draining: bool,
+    volunteers: usize,
+    free_slots: u64,
+    pub stats: HubStats,
+}
+
+impl Hub {
+    /// `seed` keys the session-id generator (128 random bits from the OS in production).
+    pub fn new(cfg: HubConfig, seed: [u8; 32]) -> Hub {
+        Hub {
+            cfg,
+            clients: HashMap::new(),
+            next_id: 1,
+            ready: VecDeque::new(),
+            sessions: HashMap::new(),
+            ips: HashMap::new(),
+            timers: BinaryHeap::new(),
+            actions: VecDeque::new(),
+            rng: Rng::new(seed),
+            draining: false,
+            volunteers: 0,
+            free_slots: 0,
+            stats: HubStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    /// A new connection from `ip`: its id, or why it is refused (close it at once).
+    pub fn connect(&mut self, now: u64, ip: IpAddr) -> Result<ClientId, Refusal> {
+        if self.clients.len() >= self.cfg.max_clients {
+            return Err(Refusal::Capacity);
+        }
+        let st = self.ips.entry(ip).or_insert_with(|| IpState {
+            clients: 0,
+            tokens: f64::from(self.cfg.consumer_burst),
+            refilled: now,
+        });
+        if st.clients >= self.cfg.max_clients_per_ip {
+            return Err(Refusal::PerIpLimit);
+        }
+        st.clients += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.clients.insert(id, Client { ip, role: Role::Pending, last_seen: now, closing: false });
+        self.timer(now + self.cfg.hello_timeout, Timer::Hello(id));
+        Ok(id)
+    }
+
+    /// A text message from a client.
+    pub fn message(&mut self, now: u64, id: ClientId, text: &str) {
+        match self.clients.get_mut(&id) {
+            Some(c) if !c.closing => c.last_seen = now,
+            _ => return,
+        }
+        match msg::parse(text) {
+            Ok(m) => {
+                metrics::counter!(crate::metrics::MESSAGES_RECEIVED, "type" => m.kind()).increment(1);
+                self.on_message(now, id, m)
+            }
+            Err(e) => {
+                metrics::counter!(crate::metrics::MESSAGES_RECEIVED, "type" => "invalid").increment(1);
+                self.fail(id, e.code(), &e.to_string())
+            }
+        }
+    }
+
+    /// A binary WebSocket message (the protocol is text only).
+    pub fn binary(&mut self, id: ClientId) {
+        if self.clients.get(&id).is_some_and(|c| !c.closing) {
+            self.fail(id, ErrorCode::BadMessage, "binary message: the protocol is JSON in text messages");
+        }
+    }
+
+    /// A message too large to be read (the caller stopped reading it).
+    pub fn oversized(&mut self, id: ClientId, len: usize) {
+        let e = MsgError::TooLarge(len);
+        self.fail(id, e.code(), &e.to_string());
+    }
+
+    /// The client's connection is gone (closed by either side, or too slow).
+    pub fn disconnect(&mut self, now: u64, id: ClientId) {
+        let Some(c) = self.clients.remove(&id) else { return };
+        if let Some(st) = self.ips.get_mut(&c.ip) {
+            st.clients -= 1;
+            if st.clients == 0 && st.tokens >= f64::from(self.cfg.consumer_burst) {
+                self.ips.remove(&c.ip);
+            }
+        }
+        match c.role {
+            Role::Pending => {}
+            Role::Consumer { session } => {
+                if let Some(s) = session.and_then(|sid| self.sessions.remove(&sid).map(|s| (sid, s))) {
+                    if s.1.state == SessionState::Offered {
+                        self.send(s.1.volunteer, Outgoing::Cancel { session: s.0, reason: "consumer left".into() });
+                        self.give_back_slot(s.1.volunteer);
+                    }
+                }
+            }
+            Role::Volunteer { free, .. } => {
+                self.volunteers -= 1;
+                self.free_slots -= u64::from(free);
+                let orphans: Vec<SessionId> =
+                    self.sessions.iter().filter(|(_, s)| s.volunteer == id).map(|(sid, _)| *sid).collect();
+                for sid in orphans {
+                    let offered = self.sessions.get(&sid).is_some_and(|s| s.state == SessionState::Offered);
+                    if offered {
+                        self.reoffer(now, sid, "volunteer left");
+                    } else if let Some(s) = self.sessions.remove(&sid) {
+                        self.end_consumer(s.consumer, sid, "volunteer left");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts draining: volunteers are told to go elsewhere, new consumers are turned away.
+    pub fn drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let ids: Vec<ClientId> =
+            self.clients.iter().filter(|(_, c)| matches!(c.role, Role::Volunteer { .. })).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.send(id, Outgoing::Goaway { retry_after_ms: 0, reason: "signaling service is draining".into() });
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Handles every deadline at or before `now`.
+    pub fn timeout(&mut self, now: u64) {
+        while let Some(std::cmp::Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let std::cmp::Reverse((_, t)) = self.timers.pop().expect("peeked");
+            match t {
+                Timer::Hello(id) => {
+                    if self.clients.get(&id).is_some_and(|c| matches!(c.role, Role::Pending) && !c.closing) {
+                        self.fail(id, ErrorCode::Timeout, "no first message in time");
+                    }
+                }
+                Timer::Idle(id) => {
+                    let Some(c) = self.clients.get(&id) else { continue };
+                    if c.closing {
+                        continue;
+                    }
+                    let due = c.last_seen + self.cfg.idle_timeout;
+                    if due > now {
+                        self.timer(due, Timer::Idle(id));
+                    } else {
+                        self.fail(id, ErrorCode::Timeout, "silent for too long (send ping)");
+                    }
+                }
+                Timer::Answer(sid) => {
+                    let late =
+                        self.sessions.get(&sid).is_some_and(|s| s.state == SessionState::Offered && s.answer_by <= now);
+                    if late {
+                        self.stats.answer_timeouts += 1;
+                        let v = self.sessions[&sid].volunteer;
+                        self.send(v, Outgoing::Cancel { session: sid, reason: "answer too late".into() });
+                        self.give_back_slot(v);
+                        self.reoffer(now, sid, "volunteer did not answer");
+                    }
+                }
+                Timer::Expire(sid) => {
+                    if self.sessions.get(&sid).is_some_and(|s| s.expires <= now) {
+                        let s = self.sessions.remove(&sid).expect("checked");
+                        self.stats.sessions_expired += 1;
+                        if s.state == SessionState::Offered {
+                            self.send(s.volunteer, Outgoing::Cancel { session: sid, reason: "session expired".into() });
+                            self.give_back_slot(s.volunteer);
+                        }
+                        self.end_consumer(s.consumer, sid, "session expired");
+                    }
+                }
+            }
+        }
+    }
+
+    /// When [`Hub::timeout`] must run next.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.timers.peek().map(|std::cmp::Reverse((at, _))| *at)
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn volunteers(&self) -> usize {
+        self.volunteers
+    }
+
+    pub fn free_slots(&self) -> u64 {
+        self.free_slots
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn timer(&mut self, at: u64, t: Timer) {
+        self.timers.push(std::cmp::Reverse((at, t)));
+    }
+
+    fn send(&mut self, id: ClientId, m: Outgoing) {
+        if self.clients.get(&id).is_some_and(|c| !c.closing) {
+            self.actions.push_back(Action::Send(id, m));
+        }
+    }
+
+    /// Sends an `error`, then closes with the code's close code.
+    fn fail(&mut self, id: ClientId, code: ErrorCode, reason: &str) {
+        let reason: String = reason.chars().take(msg::MAX_REASON).collect();
+        self.send(id, Outgoing::Error { code, reason: reason.clone() });
+        self.close(id, code.close_code(), reason);
+    }
+
+    fn close(&mut self, id: ClientId, code: u16, reason: String) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            if !c.closing {
+                c.closing = true;
+                // Close reasons must fit a WebSocket control frame (123 bytes).
+                let mut reason = reason;
+                while reason.len() > 123 {
+                    reason.pop();
+                }
+                self.actions.push_back(Action::Close(id, code, reason));
+            }
+        }
+    }
+
+    fn on_message(&mut self, now: u64, id: ClientId, m: Incoming) {
+        let pending = matches!(self.clients[&id].role, Role::Pending);
+        match m {
+            Incoming::Ping => self.send(id, Outgoing::Pong),
+            Incoming::Unknown(_) => self.stats.unknown_types += 1,
+            Incoming::Volunteer { versions, slots } if pending => {
+                let Some(version) = msg::negotiate(&versions) else {
+                    return self.fail(id, ErrorCode::UnsupportedVersion, "this service speaks version 1");
+                };
+                if self.draining {
+                    self.send(
+                        id,
+                        Outgoing::Goaway { retry_after_ms: 0, reason: "signaling service is draining".into() },
+                    );
+                    return self.close(id, 1000, "draining".into());
+                }
+                let free = slots.min(self.cfg.max_slots_per_volunteer);
+                self.clients.get_mut(&id).expect("exists").role = Role::Volunteer { free: 0, queued: false };
+                self.volunteers += 1;
+                self.set_free(id, free);
+                self.send(
+                    id,
+                    Outgoing::Registered {
+                        version,
+                        id: format!("v{id}"),
+                        ping_ms: self.cfg.ping_interval,
+                        idle_ms: self.cfg.idle_timeout,
+                        ice_servers: self.cfg.ice_servers.clone(),
+                    },
+                );
+                self.timer(now + self.cfg.idle_timeout, Timer::Idle(id));
+            }
+            Incoming::Consumer { versions, offer } if pending => self.on_consumer(now, id, &versions, offer),
+            Incoming::Volunteer { .. } | Incoming::Consumer { .. } => {
+                self.fail(id, ErrorCode::Unexpected, "the role was already given")
+            }
+            _ if pending => self.fail(id, ErrorCode::Unexpected, "the first message must be volunteer or consumer"),
+            Incoming::Slots { free } => {
+                if !matches!(self.clients[&id].role, Role::Volunteer { .. }) {
+                    return self.fail(id, ErrorCode::Unexpected, "slots is a volunteer's message");
+                }
+                let free = free.min(self.cfg.max_slots_per_volunteer);
+                self.set_free(id, free);
+            }
+            Incoming::Answer { session, sdp } => {
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return self.send(
+                        id,
+                        Outgoing::Error { code: ErrorCode::UnknownSession, reason: "session is over".into() },
+                    );
+                };
+                if s.volunteer != id || s.state != SessionState::Offered {
+                    return self.fail(id, ErrorCode::Unexpected, "not your offer to answer");
+                }
+                s.state = SessionState::Answered;
+                let consumer = s.consumer;
+                self.stats.matches += 1;
+                metrics::counter!(crate::metrics::MATCHES).increment(1);
+                self.send(consumer, Outgoing::Answer { session, sdp });
+            }
+            Incoming::Decline { session, .. } => {
+                let ok =
+                    self.sessions.get(&session).is_some_and(|s| s.volunteer == id && s.state == SessionState::Offered);
+                if ok {
+                    self.stats.declines += 1;
+                    self.reoffer(now, session, "volunteer declined");
+                }
+            }
+            Incoming::Candidate { session, candidate } => {
+                let limit = self.cfg.max_candidates_per_side;
+                let Some(s) = self.sessions.get_mut(&session) else { return };
+                let to = if s.consumer == id {
+                    if s.consumer_candidates.len() as u32 >= limit {
+                        self.stats.candidates_dropped += 1;
+                        return;
+                    }
+                    s.consumer_candidates.push(candidate.clone());
+                    (s.state == SessionState::Answered || s.state == SessionState::Offered).then_some(s.volunteer)
+                } else if s.volunteer == id {
+                    if s.volunteer_candidates >= limit {
+                        self.stats.candidates_dropped += 1;
+                        return;
+                    }
+                    s.volunteer_candidates += 1;
+                    Some(s.consumer)
+                } else {
+                    return self.fail(id, ErrorCode::Unexpected, "not your session");
+                };
+                if let Some(to) = to {
+                    self.send(to, Outgoing::Candidate { session, candidate });
+                }
+            }
+            Incoming::Done { session } => {
+                let mine = self.sessions.get(&session).is_some_and(|s| s.consumer == id || s.volunteer == id);
+                if mine {
+                    let s = self.sessions.remove(&session).expect("checked");
+                    if s.state == SessionState::Offered {
+                        self.send(s.volunteer, Outgoing::Cancel { session, reason: "consumer gave up".into() });
+                        self.give_back_slot(s.volunteer);
+                    }
+                    if let Some(Client { role: Role::Consumer { session: cs }, .. }) = self.clients.get_mut(&s.consumer)
+                    {
+                        *cs = None;
+                    }
+                    if s.consumer == id {
+                        self.close(id, 1000, "done".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_consumer(&mut self, now: u64, id: ClientId, versions: &[u32], offer: String) {
+        let Some(version) = msg::negotiate(versions) else {
+            return self.fail(id, ErrorCode::UnsupportedVersion, "this service speaks version 1");
+        };
+        let ip = self.clients[&id].ip;
+        let (burst, rate) = (f64::from(self.cfg.consumer_burst), f64::from(self.cfg.consumer_per_sec));
+        let st = self.ips.get_mut(&ip).expect("a connected client's ip");
+        st.tokens = (st.tokens + (now.saturating_sub(st.refilled)) as f64 / 1000.0 * rate).min(burst);
+        st.refilled = now;
+        if st.tokens < 1.0 {
+            return self.fail(id, ErrorCode::RateLimited, "too many requests from this address");
+        }
+        st.tokens -= 1.0;
+        self.clients.get_mut(&id).expect("exists").role = Role::Consumer { session: None };
+        if self.draining {
+            return self.unavailable(id, "signaling service is draining");
+        }
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return self.unavailable(id, "too many sessions in progress");
+        }
+        let sid = SessionId(self.rng.next_id());
+        self.sessions.insert(
+            sid,
+            Session {
+                consumer: id,
+                volunteer: 0,
+                state: SessionState::Offered,
+                offer,
+                consumer_candidates: Vec::new(),
+                volunteer_candidates: 0,
+                tried: Vec::new(),
+                expires: now + self.cfg.session_ttl,
+                answer_by: 0,
+            },
+        );
+        let Some(v) = self.pick(&[]) else {
+            self.sessions.remove(&sid);
+            return self.unavailable(id, "no volunteer has a free slot");
+        };
+        self.clients.get_mut(&id).expect("exists").role = Role::Consumer { session: Some(sid) };
+        let ice_servers = self.cfg.ice_servers.clone();
+        self.send(id, Outgoing::Matched { version, session: sid, ttl_ms: self.cfg.session_ttl, ice_servers });
+        self.timer(now + self.cfg.session_ttl, Timer::Expire(sid));
+        self.offer_to(now, sid, v);
+    }
+
+    fn unavailable(&mut self, id: ClientId, reason: &str) {
+        self.stats.unavailable += 1;
+        metrics::counter!(crate::metrics::UNAVAILABLE).increment(1);
+        self.send(id, Outgoing::Unavailable { retry_after_ms: self.cfg.retry_after, reason: reason.into() });
+        self.close(id, 1000, reason.into());
+    }
+
+    fn offer_to(&mut self, now: u64, sid: SessionId, v: ClientId) {
+        let ttl = self.cfg.session_ttl;
+        let s = self.sessions.get_mut(&sid).expect("session exists");
+        s.volunteer = v;
+        s.state = SessionState::Offered;
+        s.tried.push(v);
+        s.answer_by = now + self.cfg.answer_timeout;
+        let (offer, candidates) = (s.offer.clone(), s.consumer_candidates.clone());
+        let ttl_ms = s.expires.saturating_sub(now).min(ttl);
+        self.timer(now + self.cfg.answer_timeout, Timer::Answer(sid));
+        self.send(v, Outgoing::Offer { session: sid, sdp: offer, ttl_ms });
+        for c in candidates {
+            self.send(v, Outgoing::Candidate { session: sid, candidate: c });
+        }
+    }
+
+    /// The session's volunteer declined, left or was too slow: try the next one.
+    fn reoffer(&mut self, now: u64, sid: SessionId, why: &str) {
+        let Some(s) = self.sessions.get(&sid) else { return };
+        let tried = s.tried.clone();
+        let next = if (tried.len() as u32) < self.cfg.max_attempts { self.pick(&tried) } else { None };
+        match next {
+            Some(v) => self.offer_to(now, sid, v),
+            None => {
+                let s = self.sessions.remove(&sid).expect("checked");
+                self.stats.unavailable += 1;
+                metrics::counter!(crate::metrics::UNAVAILABLE).increment(1);
+                self.send(s.consumer, Outgoing::Cancel { session: sid, reason: why.into() });
+                self.send(
+                    s.consumer,
+                    Outgoing::Unavailable {
+                        retry_after_ms: self.cfg.retry_after,
+                        reason: "no volunteer answered".into(),
+                    },
+                );
+                self.close(s.consumer, 1000, why.into());
+            }
+        }
+    }
+
+    /// Ends a consumer's signaling: `cancel`, then close.
+    fn end_consumer(&mut self, consumer: ClientId, sid: SessionId, why: &str) {
+        self.send(consumer, Outgoing::Cancel { session: sid, reason: why.into() });
+        self.close(consumer, 1000, why.into());
+    }
+
+    /// The next volunteer with a free slot (round robin), not one of `skip`; takes the slot.
+    fn pick(&mut self, skip: &[ClientId]) -> Option<ClientId> {
+        let mut skipped = Vec::new();
+        let mut found = None;
+        while let Some(v) = self.ready.pop_front() {
+            let Some(Client { role: Role::Volunteer { free, queued }, closing, .. }) = self.clients.get_mut(&v) else {
+                continue;
+            };
+            if *free == 0 || *closing {
+                *queued = false;
+                continue;
+            }
+            if skip.contains(&v) {
+                skipped.push(v);
+                continue;
+            }
+            *free -= 1;
+            self.free_slots -= 1;
+            if *free == 0 {
+                *queued = false;
+            } else {
+                self.ready.push_back(v);
+            }
+            found = Some(v);
+            break;
+        }
+        for v in skipped.into_iter().rev() {
+            self.ready.push_front(v);
+        }
+        found
+    }
+
+    fn set_free(&mut self, id: ClientId, free: u32) {
+        let Some(Client { role: Role::Volunteer { free: f, queued }, .. }) = self.clients.get_mut(&id) else {
+            return;
+        };
+        self.free_slots = self.free_slots - u64::from(*f) + u64::from(free);
+        *f = free;
+        if free > 0 && !*queued {
+            *queued = true;
+            self.ready.push_back(id);
+        }
+    }
+
+    /// A slot taken for an offer that came to nothing is the volunteer's again.
+    fn give_back_slot(&mut self, v: ClientId) {
+        let free = match self.clients.get(&v) {
+            Some(Client { role: Role::Volunteer { free, .. }, .. }) => *free,
+            _ => return,
+        };
+        self.set_free(v, (free + 1).min(self.cfg.max_slots_per_volunteer));
+    }
+}
+
+/// Session ids: a keyed hash of a counter (SHA-256 of seed ‖ n), so they are unguessable
+/// without a random source per call.
+#[derive(Debug)]
+struct Rng {
+    seed: [u8; 32],
+    n: u64,
+}
+
+impl Rng {
+    fn new(seed: [u8; 32]) -> Rng {
+        Rng { seed, n: 0 }
+    }
+
+    fn next_id(&mut self) -> [u8; 16] {
+        use sha2::Digest;
+        self.n += 1;
+        let mut h = sha2::Sha256::new();
+        h.update(self.seed);
+        h.update(self.n.to_le_bytes());
+        let d = h.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&d[..16]);
+        id
+    }
+}
