@@ -157,11 +157,40 @@ pub struct Drain {
     pub reconnect: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
-    /// Listener for /metrics, /live, /ready (unset: no admin listener).
+    /// Listener for the status page (`/`), `/metrics`, `/live`, `/ready`. Default
+    /// 127.0.0.1:9090; `listen = "off"` in TOML (or `--admin off`) disables it.
+    #[serde(with = "admin_listen")]
     pub listen: Option<SocketAddr>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: Some("127.0.0.1:9090".parse().expect("literal")) }
+    }
+}
+
+/// `admin.listen`: an address, or "off".
+mod admin_listen {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "off" {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| serde::de::Error::custom(format!("{s:?} is not an address or \"off\"")))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,11 +10,13 @@ pub mod config;
 pub mod listen;
 pub mod liveness;
 pub mod metrics;
+pub mod netif;
 pub mod policy;
 pub mod proxy;
 pub mod quic;
 pub mod registry;
 pub mod shared;
+pub mod status;
 pub mod tls;
 pub mod tokio_io;
 pub mod uring;
@@ -42,6 +44,8 @@ pub struct Egress {
     /// SHA-256 of the certificate (clients pin it).
     pub fingerprint: String,
     pub liveness: LivenessMode,
+    /// Why that mode (and, for xdp, which interfaces): for the log and the status page.
+    pub liveness_reason: String,
     pub backend: Backend,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -147,7 +151,8 @@ impl Egress {
                 })
             }
         };
-        let liveness = liveness::start(&config, &shared, &ws_addrs, &wss_addrs, expire, &mut tasks)?;
+        let chosen = liveness::start(&config, &shared, &ws_addrs, &wss_addrs, expire, &mut tasks)?;
+        let (liveness, liveness_reason) = (chosen.mode, chosen.reason);
         let mut admin_addr = None;
         let readiness = Arc::new(admin::Readiness::default());
         readiness.flag("listening", true);
@@ -157,7 +162,13 @@ impl Egress {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (admin)"))?;
             admin_addr = Some(listener.local_addr()?);
-            tasks.spawn(admin::serve(listener, readiness.clone()));
+            let board = status::StatusBoard::new(
+                format!("{backend:?}").to_lowercase(),
+                format!("{liveness:?}").to_lowercase(),
+                liveness_reason.clone(),
+            );
+            tasks.spawn(admin::sample(board.clone()));
+            tasks.spawn(admin::serve(listener, readiness.clone(), board));
         }
         Ok(Egress {
             ws_addrs,
@@ -166,6 +177,7 @@ impl Egress {
             uring: uring_workers,
             fingerprint,
             liveness,
+            liveness_reason,
             backend,
             shared,
             stop,

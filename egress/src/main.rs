@@ -35,9 +35,10 @@ struct Cli {
     /// Directory for generated state (self-signed certificate).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Admin listener for /metrics, /live, /ready.
+    /// Admin listener for the status page, /metrics, /live, /ready (default 127.0.0.1:9090);
+    /// `off` disables it.
     #[arg(long)]
-    admin: Option<SocketAddr>,
+    admin: Option<String>,
     /// Log filter (tracing syntax), e.g. debug or broflake_egress=debug.
     #[arg(long)]
     log: Option<String>,
@@ -101,8 +102,10 @@ fn effective_config(cli: &Cli) -> Result<Config> {
     if let Some(d) = &cli.state_dir {
         c.tls.state_dir = Some(d.clone());
     }
-    if let Some(a) = cli.admin {
-        c.admin.listen = Some(a);
+    match cli.admin.as_deref() {
+        None => {}
+        Some("off") => c.admin.listen = None,
+        Some(a) => c.admin.listen = Some(a.parse().with_context(|| format!("--admin {a}: not an address or `off`"))?),
     }
     if let Some(l) = &cli.log {
         c.log.filter = l.clone();
@@ -144,6 +147,7 @@ async fn serve(config: Config) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     broflake_egress::admin::recorder();
     let grace = config.drain.grace;
+    let path = config.listen.path.clone();
     let egress = Egress::start(config).await?;
     for a in &egress.ws_addrs {
         tracing::info!("listening on ws://{a}");
@@ -152,12 +156,12 @@ async fn serve(config: Config) -> Result<()> {
         tracing::info!("listening on wss://{a}");
     }
     if let Some(a) = egress.admin_addr {
-        tracing::info!("admin listening on http://{a} (/metrics, /live, /ready)");
+        tracing::info!("admin listening on http://{a} (status page /, /metrics, /live, /ready)");
     }
-    tracing::info!(backend = ?egress.backend, liveness = ?egress.liveness, "egress running");
-    // Printed on stdout as well, so scripts and operators can pick it up for pinning.
+    tracing::info!(backend = ?egress.backend, liveness = ?egress.liveness, reason = %egress.liveness_reason, "egress running");
+    // On stdout, for the operator (and for scripts: the certificate line is stable).
+    print!("{}", summary(&egress, &path));
     println!("certificate sha256 {}", egress.fingerprint);
-
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -174,4 +178,48 @@ async fn serve(config: Config) -> Result<()> {
         _ = int.recv() => tracing::warn!("second signal: exiting now"),
     }
     Ok(())
+}
+
+/// What an operator needs next: where relays connect, the certificate to pin, the liveness
+/// mode and why, the admin URLs, and a relay command line that works against this egress.
+fn summary(e: &Egress, path: &str) -> String {
+    use std::fmt::Write;
+    let local = |a: &SocketAddr| -> SocketAddr {
+        // A wildcard listener is reachable on loopback from this host.
+        match a.ip() {
+            std::net::IpAddr::V4(v) if v.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+            std::net::IpAddr::V6(v) if v.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+            _ => *a,
+        }
+    };
+    let mut s = String::from("egress ready\n");
+    for a in &e.ws_addrs {
+        let _ = writeln!(s, "  relays connect to   ws://{}{path}", local(a));
+    }
+    for a in &e.wss_addrs {
+        let _ = writeln!(s, "  relays connect to   wss://{}{path}   (pin the certificate below)", local(a));
+    }
+    let _ = writeln!(s, "  backend             {:?}", e.backend);
+    let _ = writeln!(s, "  liveness            {:?}: {}", e.liveness, e.liveness_reason);
+    match e.admin_addr {
+        Some(a) => {
+            let _ = writeln!(s, "  status page         http://{a}/   (also /metrics, /live, /ready)");
+        }
+        None => s.push_str("  admin               off\n"),
+    }
+    if let Some(a) = e.ws_addrs.first() {
+        let _ = writeln!(
+            s,
+            "  try a relay         cargo run --release --bin broflake -- relay --upstream ws://{}{path} --listen 127.0.0.1:9001",
+            local(a)
+        );
+    } else if let Some(a) = e.wss_addrs.first() {
+        let _ = writeln!(
+            s,
+            "  try a relay         cargo run --release --bin broflake -- relay --upstream wss://{}{path} --cert-sha256 {} --listen 127.0.0.1:9001",
+            local(a),
+            e.fingerprint
+        );
+    }
+    s
 }

@@ -53,6 +53,8 @@ pub fn frame_index(frame_type: u64) -> usize {
     usize::try_from(frame_type).ok().filter(|t| *t < FRAME_UNKNOWN).unwrap_or(FRAME_UNKNOWN)
 }
 pub const OPEN_FDS: &str = "broflake_open_fds";
+pub const PROCESS_CPU: &str = "broflake_process_cpu_seconds";
+pub const PROCESS_RESIDENT: &str = "broflake_process_resident_bytes";
 pub const MAX_FDS: &str = "broflake_max_fds";
 pub const XDP_FLOWS: &str = "broflake_xdp_flows";
 pub const XDP_MAP_CAPACITY: &str = "broflake_xdp_map_capacity";
@@ -138,7 +140,17 @@ fn zero_series() {
     ] {
         counter!(c).increment(0);
     }
-    for g in [ROUTES, QUIC_CONNECTIONS, DRAINING, XDP_FLOWS, XDP_MAP_CAPACITY, OPEN_FDS, MAX_FDS] {
+    for g in [
+        ROUTES,
+        QUIC_CONNECTIONS,
+        DRAINING,
+        XDP_FLOWS,
+        XDP_MAP_CAPACITY,
+        OPEN_FDS,
+        MAX_FDS,
+        PROCESS_CPU,
+        PROCESS_RESIDENT,
+    ] {
         gauge!(g).increment(0.0);
     }
 }
@@ -174,6 +186,8 @@ pub fn describe() {
     describe_gauge!(DRAINING, "1 while the egress is draining.");
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
     describe_gauge!(OPEN_FDS, "File descriptors the process holds.");
+    describe_gauge!(PROCESS_CPU, "CPU seconds (user + system) the process used since it started.");
+    describe_gauge!(PROCESS_RESIDENT, "Resident memory of the process, in bytes.");
     describe_gauge!(MAX_FDS, "The process's file descriptor limit.");
     describe_gauge!(XDP_FLOWS, "Flows in the XDP liveness map.");
     describe_gauge!(XDP_MAP_CAPACITY, "Capacity of the XDP liveness map.");

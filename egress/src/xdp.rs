@@ -371,7 +371,8 @@ impl Xdp {
             .expect("the program was checked at load")
     }
 
-    fn attach(&mut self, interface: &str) -> Result<(), XdpUnavailable> {
+    /// Attaches to one more interface: native mode, else generic.
+    pub fn attach(&mut self, interface: &str) -> Result<(), XdpUnavailable> {
         let program = self.program_mut();
         let native = match program.attach(interface, XdpMode::Driver) {
             Ok(link) => {

@@ -35,16 +35,16 @@ fn check_config_accepts_the_example_and_rejects_mistakes_with_a_reason() {
 }
 
 /// Starts the binary; returns it with its ws:// address once it listens.
-fn spawn(args: &[&str]) -> (std::process::Child, String) {
+fn spawn(args: &[&str]) -> (testkit::Proc, String) {
     let state = testkit::temp_dir("binary-state");
-    let mut child = egress()
-        .args(["--ws", "127.0.0.1:0", "--no-wss", "--log", "info", "--state-dir"])
-        .arg(&state)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = testkit::Proc::spawn(
+        egress()
+            .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--log", "info", "--state-dir"])
+            .arg(&state)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let (addr, _) = testkit::wait_listening(&mut child);
     (child, format!("ws://{addr}/broflake"))
 }

@@ -39,7 +39,7 @@ fn spawn_egress(backend: &str) -> Egress {
         });
     }
     let mut child = cmd
-        .args(["--ws", "127.0.0.1:0", "--no-wss", "--backend", backend, "--log", "info", "--config"])
+        .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--backend", backend, "--log", "info", "--config"])
         .arg(&config)
         .arg("--state-dir")
         .arg(&dir)

@@ -4,8 +4,9 @@
 //! per-connection idle work; wakeups do not grow with the number of idle connections.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
+use testkit::Proc;
 
 fn ip(args: &[&str]) -> bool {
     Command::new("ip").args(args).status().is_ok_and(|s| s.success())
@@ -79,25 +80,25 @@ fn metric(ns: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn loadgen(ns: &str, conns: usize, ping_ms: u64, hold: u64) -> Child {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_egress")).with_file_name("loadgen");
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin)
-        .args(["--target", "10.231.7.1:8080", "--bind", "10.231.7.2", "--conns", &conns.to_string()])
-        .args(["--ping-ms", &ping_ms.to_string(), "--hold-secs", &hold.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("loadgen (built with `cargo build -p bench`)")
+fn loadgen(ns: &str, conns: usize, ping_ms: u64, hold: u64) -> Proc {
+    let bin = testkit::workspace_bin("bench", "loadgen");
+    Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(bin)
+            .args(["--target", "10.231.7.1:8080", "--bind", "10.231.7.2", "--conns", &conns.to_string()])
+            .args(["--ping-ms", &ping_ms.to_string(), "--hold-secs", &hold.to_string()])
+            .stdout(Stdio::piped()),
+    )
 }
 
-fn ready(c: &mut Child) -> serde_json::Value {
+fn ready(c: &mut Proc) -> serde_json::Value {
     let mut line = String::new();
     BufReader::new(c.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     serde_json::from_str(&line).unwrap_or_else(|_| panic!("loadgen said {line:?}"))
 }
 
-fn done(mut c: Child) -> serde_json::Value {
+fn done(mut c: Proc) -> serde_json::Value {
     let mut text = String::new();
     c.stdout.as_mut().unwrap().read_to_string(&mut text).unwrap();
     c.wait().unwrap();
@@ -136,16 +137,16 @@ fn idle_flows_are_closed_by_the_kernel_and_pinging_ones_never() {
             format!("[liveness]\nmode = \"xdp\"\ninterfaces = [\"{vs}\"]\nkeepalive = \"1s\"\nidle_timeout = \"4s\"\nsweep_interval = \"250ms\"\n[io]\nbackend = \"{backend}\"\nthreads = 1\n[limits]\nmax_connections = 10000\nmax_connections_per_ip = 100000\n[admin]\nlisten = \"10.231.7.1:9090\"\n"),
         )
         .unwrap();
-        let mut egress = Command::new("ip")
-            .args(["netns", "exec", &net.srv, env!("CARGO_BIN_EXE_egress"), "--ws", "10.231.7.1:8080", "--no-wss"])
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--state-dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut egress = Proc::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", &net.srv, env!("CARGO_BIN_EXE_egress"), "--ws", "10.231.7.1:8080", "--no-wss"])
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--state-dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
         testkit::wait_listening(&mut egress);
         let pid = egress.id();
         // `ip netns exec` forks the egress: find the real process.
@@ -206,17 +207,17 @@ fn auto_mode_without_privileges_falls_back_to_userspace_and_says_why() {
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let run = |mode: &str| {
-        let mut c = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
-            .arg(env!("CARGO_BIN_EXE_egress"))
-            .args(["--ws", "127.0.0.1:0", "--no-wss", "--liveness", mode, "--config"])
-            .arg(&cfg)
-            .arg("--state-dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("setpriv");
+        let mut c = Proc::spawn(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+                .arg(env!("CARGO_BIN_EXE_egress"))
+                .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--liveness", mode, "--config"])
+                .arg(&cfg)
+                .arg("--state-dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
         let stderr = c.stderr.take().unwrap();
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {

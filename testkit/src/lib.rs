@@ -47,6 +47,8 @@ pub fn egress_config(backend: Backend) -> Config {
     c.liveness.sweep_interval = Duration::from_millis(100);
     c.drain.grace = Duration::from_secs(2);
     c.proxy.allow = vec!["127.0.0.0/8".parse().unwrap()];
+    // Tests run side by side: no fixed admin port.
+    c.admin.listen = None;
     c
 }
 
@@ -215,5 +217,68 @@ pub fn wait_listening(child: &mut std::process::Child) -> (SocketAddr, EgressLog
     match rx.recv_timeout(Duration::from_secs(20)) {
         Ok(addr) => (addr.parse().expect("a socket address after `listening on ws://`"), log),
         Err(_) => panic!("the egress did not start:\n{}", log.lock().unwrap().join("\n")),
+    }
+}
+
+/// A binary of another workspace package (e.g. `loadgen` of `bench`), built now if it is
+/// missing or stale: cargo only builds a test's own package's binaries, and a test must run
+/// alone (`cargo test -p broflake-egress --test xdp_egress`). `cargo build` of an up-to-date
+/// binary is a no-op. Panics with the command to run when the build fails.
+pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps").to_path_buf();
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let shown =
+        format!("cargo build -p {package} --bin {name}{}", if profile == "release" { " --release" } else { "" });
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run `{shown}`: {e}"));
+    assert!(status.success(), "`{shown}` failed; run it by hand to see why");
+    let bin = dir.join(name);
+    assert!(bin.exists(), "`{shown}` did not produce {}", bin.display());
+    bin
+}
+
+/// A child process (and everything it starts: it leads its own process group) that is killed
+/// when dropped, so a failing or panicking test leaves nothing running.
+#[derive(Debug)]
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    /// Spawns `cmd` as the leader of a new process group.
+    pub fn spawn(cmd: &mut std::process::Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let shown = format!("{cmd:?}");
+        Proc(cmd.process_group(0).spawn().unwrap_or_else(|e| panic!("cannot start {shown}: {e}")))
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // The whole group: `ip netns exec`, shells and the like start the real process
+            // as a child.
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
     }
 }

@@ -99,11 +99,7 @@ fn main() -> Result<()> {
                 _ => bail!("give --root DIR or --host user@host"),
             }
         }
-        Cmd::Build => {
-            ebpf::ensure_toolchain()?;
-            ebpf::build()?;
-            sh(cargo().args(["build", "--release", "--bins"]))
-        }
+        Cmd::Build => build_release(),
         Cmd::Dist { binary } => deploy::dist(&release_binary(binary, false)?).map(drop),
         Cmd::BuildEbpf => {
             ebpf::ensure_toolchain()?;
@@ -207,9 +203,7 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
         return Ok(b);
     }
     if !dry_run {
-        ebpf::ensure_toolchain()?;
-        ebpf::build()?;
-        sh(cargo().args(["build", "--release", "--bin", "egress"]))?;
+        build_release()?;
     }
     Ok(PathBuf::from("target/release/egress"))
 }
@@ -253,9 +247,16 @@ fn bench(full: bool, rows: Option<String>) -> Result<()> {
     }
 }
 
-fn run(args: &[String]) -> Result<()> {
-    setup::runtime()?;
+/// The release binaries with the XDP object embedded. `build` and `run` build exactly this
+/// set, so the same features are unified and one never recompiles what the other built.
+fn build_release() -> Result<()> {
     ebpf::ensure_toolchain()?;
     ebpf::build()?;
-    sh(cargo().args(["run", "--release", "--bin", "egress", "--"]).args(args))
+    sh(cargo().args(["build", "--release", "--bins"]))
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup::runtime()?;
+    build_release()?;
+    sh(Command::new("target/release/egress").args(args))
 }

@@ -191,10 +191,19 @@ fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16
                 ),
             )?;
             let mut c = Command::new(bin.join("egress"));
-            c.args(["--ws", &listen, "--no-wss", "--log", "warn,egress=info,broflake_egress=info", "--config"])
-                .arg(&cfg)
-                .arg("--state-dir")
-                .arg(&dir);
+            c.args([
+                "--ws",
+                &listen,
+                "--no-wss",
+                "--admin",
+                "off",
+                "--log",
+                "warn,egress=info,broflake_egress=info",
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(&dir);
             c
         }
     };
@@ -671,7 +680,16 @@ fn tunnel(bin: &Path, full: bool) -> Result<Tunnel> {
     let cfg = dir.join("egress.toml");
     std::fs::write(&cfg, "[proxy]\nallow = [\"127.0.0.0/8\"]\n")?;
     let mut egress = Command::new(bin.join("egress"))
-        .args(["--ws", "127.0.0.1:0", "--no-wss", "--log", "warn,egress=info,broflake_egress=info", "--config"])
+        .args([
+            "--ws",
+            "127.0.0.1:0",
+            "--no-wss",
+            "--admin",
+            "off",
+            "--log",
+            "warn,egress=info,broflake_egress=info",
+            "--config",
+        ])
         .arg(&cfg)
         .arg("--state-dir")
         .arg(&dir)
