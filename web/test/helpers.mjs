@@ -63,7 +63,8 @@ export function waitForLine(stream, re, ms, what, proc) {
 export async function startEgress({ config } = {}) {
   if (!fs.existsSync(EGRESS_BIN)) throw new Error(`egress binary not found at ${EGRESS_BIN} (set EGRESS_BIN)`);
   const dir = tmpDir('egress-');
-  const args = ['--ws', '127.0.0.1:0', '--no-wss', '--allow', '127.0.0.0/8', '--state-dir', path.join(dir, 'state')];
+  // No admin listener: tests run egresses side by side (its default port is fixed).
+  const args = ['--ws', '127.0.0.1:0', '--no-wss', '--admin', 'off', '--allow', '127.0.0.0/8', '--state-dir', path.join(dir, 'state')];
   // The tokio backend unless EGRESS_BACKEND says otherwise ("auto", "uring"): these tests
   // are about the relay, not the egress's I/O backend.
   if (EGRESS_BACKEND) args.push('--backend', EGRESS_BACKEND);
