@@ -515,13 +515,17 @@ impl Driver {
                     self.open();
                 }
             }
-            Event::ChannelData(d) if self.in_tx.try_send(Bytes::from(d.data)).is_err() => {
-                tracing::debug!("inbound DataChannel message dropped: the reader is behind");
-            }
+            Event::ChannelData(d) => self.deliver(d.data),
             // The peer closed a channel: the hop is over. (Our own closes come back as this
             // event too; those wait for the reset to reach the peer.)
             Event::ChannelClose(_) if self.closing.is_none() => self.rtc.disconnect(),
             _ => {}
+        }
+    }
+
+    fn deliver(&mut self, data: Vec<u8>) {
+        if self.in_tx.try_send(Bytes::from(data)).is_err() {
+            tracing::debug!("inbound DataChannel message dropped: the reader is behind");
         }
     }
 
