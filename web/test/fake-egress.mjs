@@ -3,7 +3,8 @@
 // send GOAWAY or ROUTE_CLOSE on demand.
 import http from 'node:http';
 import { WebSocketServer } from 'ws';
-import { decodeMessage, encodeMessage, Code, Cap, closeCodeFor } from '../broflake.js';
+import { Code, Cap, closeCodeFor } from '../src/constants.js';
+import { decodeMessage, encodeMessage } from '../src/codec.js';
 
 export async function startFakeEgress(options = {}) {
   const opts = {

@@ -2,7 +2,7 @@
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import { WebSocket, WebSocketServer } from 'ws';
-import { EgressLink, RelayPool, DownstreamLink, Code, Cap, Role, BroflakeError, encodeMessage, hex, isGrease } from '../broflake.js';
+import { EgressLink, RelayPool, DownstreamLink, Code, Cap, Role, BroflakeError, decodeMessage, encodeMessage, hex, isGrease } from '../broflake.js';
 import { startFakeEgress, echoPacket } from './fake-egress.mjs';
 import { until } from './helpers.mjs';
 
@@ -434,4 +434,42 @@ test('a raw downstream socket object works (send/onmessage/onclose/close)', asyn
   assert.equal(d.stats.dropped, 1);
   sock.onclose({ code: 1000, reason: '' });
   assert.equal(d.state, 'closed');
+});
+
+test('a data-channel-like downstream transport works (string readyState, plain close event)', () => {
+  // RTCDataChannel's shape: readyState is a string, close() takes no arguments and the
+  // close event carries no code.
+  const sent = [];
+  const ch = {
+    readyState: 'open',
+    binaryType: 'blob',
+    bufferedAmount: 0,
+    send: (b) => sent.push(b),
+    close: () => {
+      ch.readyState = 'closed';
+      ch.onclose?.(new Event('close'));
+    },
+  };
+  const d = new DownstreamLink(ch, null, { timers: { kind: 'main', setTimeout, clearTimeout } });
+  assert.equal(ch.binaryType, 'arraybuffer');
+  ch.onmessage({ data: encodeMessage([{ type: 'hello', min_version: 1, max_version: 1, role: 2, capabilities: 7, extensions: [] }]).buffer });
+  assert.equal(d.state, 'open');
+  assert.equal(decodeMessage(sent[0])[0].type, 'welcome');
+  ch.onmessage({ data: encodeMessage([{ type: 'ping', payload: Uint8Array.of(1, 2) }]).buffer });
+  const [pong] = decodeMessage(sent[1]);
+  assert.equal(pong.type, 'pong');
+  assert.deepEqual([...pong.payload], [1, 2]);
+  ch.readyState = 'closing';
+  ch.onmessage({ data: encodeMessage([{ type: 'ping', payload: Uint8Array.of(3) }]).buffer });
+  assert.equal(sent.length, 2, 'nothing is sent on a closing channel');
+  ch.readyState = 'open';
+  d.close(1000, 'bye');
+  assert.equal(ch.readyState, 'closed');
+  assert.equal(d.state, 'closed');
+  assert.deepEqual(d.closeInfo, { code: 1000, reason: 'bye' });
+  // A channel that closes by itself: the link ends with 1006 and no code of its own.
+  const ch2 = { readyState: 'open', send: () => {}, close: () => {} };
+  const d2 = new DownstreamLink(ch2, null, { timers: { kind: 'main', setTimeout, clearTimeout } });
+  ch2.onclose(new Event('close'));
+  assert.deepEqual(d2.closeInfo, { code: 1006, reason: '' });
 });
