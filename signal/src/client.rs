@@ -50,20 +50,21 @@ pub async fn tcp_stream(url: &str) -> Result<Box<dyn Stream>> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServiceMsg {
+    Hello {
+        versions: Vec<u32>,
+        #[serde(default)]
+        ice_servers: Vec<IceServer>,
+    },
     Registered {
         version: u32,
         id: String,
         ping_ms: u64,
         idle_ms: u64,
-        #[serde(default)]
-        ice_servers: Vec<IceServer>,
     },
     Matched {
         version: u32,
         session: String,
         ttl_ms: u64,
-        #[serde(default)]
-        ice_servers: Vec<IceServer>,
     },
     Unavailable {
         retry_after_ms: u64,
@@ -143,6 +144,39 @@ fn send_json(v: serde_json::Value) -> Message {
     Message::text(v.to_string())
 }
 
+/// An open signaling connection, after the service's `hello`: the ICE servers to gather
+/// with are known; the client then registers as a volunteer or asks as a consumer.
+pub struct SignalConn {
+    ws: Ws,
+    pub ice_servers: Vec<IceServer>,
+}
+
+impl std::fmt::Debug for SignalConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalConn").field("ice_servers", &self.ice_servers).finish_non_exhaustive()
+    }
+}
+
+impl SignalConn {
+    /// Connects (over `stream` when given: TLS for wss://) and reads the `hello`.
+    pub async fn connect(url: &str, stream: Option<Box<dyn Stream>>, timeout: Duration) -> Result<SignalConn> {
+        let mut ws = connect(url, stream, timeout).await?;
+        let hello = tokio::time::timeout(timeout, next_msg(&mut ws))
+            .await
+            .map_err(|_| anyhow!("no hello from the signaling service {url} within {timeout:?}"))??;
+        match hello {
+            Some(ServiceMsg::Hello { versions, ice_servers }) => {
+                if msg::negotiate(&versions).is_none() {
+                    bail!("the signaling service speaks versions {versions:?}, this client {}", msg::VERSION);
+                }
+                Ok(SignalConn { ws, ice_servers })
+            }
+            Some(ServiceMsg::Error { code, reason }) => bail!("signaling refused: {} ({reason})", code.label()),
+            other => bail!("expected hello from the signaling service, got {other:?}"),
+        }
+    }
+}
+
 /// What a volunteer hears.
 #[derive(Debug, Clone)]
 pub enum VolunteerEvent {
@@ -211,14 +245,13 @@ impl VolunteerHandle {
 }
 
 impl Volunteer {
-    /// Registers with `slots` free consumer slots and keeps the registration alive. `stream`:
-    /// an open stream to the service (TLS for wss://), or None to connect over TCP.
-    pub async fn register(url: &str, stream: Option<Box<dyn Stream>>, slots: u32) -> Result<Volunteer> {
-        let mut ws = connect(url, stream, Duration::from_secs(10)).await?;
+    /// Registers with `slots` free consumer slots and keeps the registration alive.
+    pub async fn register(conn: SignalConn, slots: u32) -> Result<Volunteer> {
+        let SignalConn { mut ws, ice_servers } = conn;
         ws.send(send_json(serde_json::json!({"type": "volunteer", "versions": [msg::VERSION], "slots": slots})))
             .await?;
-        let (id, ping_ms, ice_servers) = match next_msg(&mut ws).await? {
-            Some(ServiceMsg::Registered { id, ping_ms, ice_servers, .. }) => (id, ping_ms, ice_servers),
+        let (id, ping_ms) = match next_msg(&mut ws).await? {
+            Some(ServiceMsg::Registered { id, ping_ms, .. }) => (id, ping_ms),
             Some(ServiceMsg::Error { code, reason }) => bail!("registration refused: {} ({reason})", code.label()),
             Some(ServiceMsg::Goaway { .. }) => bail!("registration refused: the service is draining"),
             other => bail!("unexpected answer to the registration: {other:?}"),
@@ -319,23 +352,16 @@ pub struct ConsumerRequest {
 
 impl ConsumerRequest {
     /// Asks for a volunteer, presenting `offer`; returns once matched (before the answer).
-    pub async fn start(
-        url: &str,
-        stream: Option<Box<dyn Stream>>,
-        offer: &str,
-        timeout: Duration,
-    ) -> Result<ConsumerRequest, RequestError> {
-        let mut ws = connect(url, stream, timeout).await?;
+    pub async fn start(conn: SignalConn, offer: &str, timeout: Duration) -> Result<ConsumerRequest, RequestError> {
+        let SignalConn { mut ws, ice_servers } = conn;
         ws.send(send_json(serde_json::json!({"type": "consumer", "versions": [msg::VERSION], "offer": offer})))
             .await
             .map_err(anyhow::Error::from)?;
         let m = tokio::time::timeout(timeout, next_msg(&mut ws))
             .await
             .map_err(|_| anyhow!("no answer from the signaling service within {timeout:?}"))??;
-        let (session, ice_servers) = match m {
-            Some(ServiceMsg::Matched { session, ice_servers, .. }) => {
-                (SessionId::parse(&session).map_err(anyhow::Error::from)?, ice_servers)
-            }
+        let session = match m {
+            Some(ServiceMsg::Matched { session, .. }) => SessionId::parse(&session).map_err(anyhow::Error::from)?,
             Some(ServiceMsg::Unavailable { retry_after_ms, reason }) => {
                 return Err(RequestError::Unavailable { retry_after_ms, reason })
             }

@@ -206,6 +206,8 @@ impl Hub {
         self.next_id += 1;
         self.clients.insert(id, Client { ip, role: Role::Pending, last_seen: now, closing: false });
         self.timer(now + self.cfg.hello_timeout, Timer::Hello(id));
+        let hello = Outgoing::Hello { versions: vec![msg::VERSION], ice_servers: self.cfg.ice_servers.clone() };
+        self.send(id, hello);
         Ok(id)
     }
 
@@ -427,7 +429,6 @@ impl Hub {
                         id: format!("v{id}"),
                         ping_ms: self.cfg.ping_interval,
                         idle_ms: self.cfg.idle_timeout,
-                        ice_servers: self.cfg.ice_servers.clone(),
                     },
                 );
                 self.timer(now + self.cfg.idle_timeout, Timer::Idle(id));
@@ -552,8 +553,7 @@ impl Hub {
             return self.unavailable(id, "no volunteer has a free slot");
         };
         self.clients.get_mut(&id).expect("exists").role = Role::Consumer { session: Some(sid) };
-        let ice_servers = self.cfg.ice_servers.clone();
-        self.send(id, Outgoing::Matched { version, session: sid, ttl_ms: self.cfg.session_ttl, ice_servers });
+        self.send(id, Outgoing::Matched { version, session: sid, ttl_ms: self.cfg.session_ttl });
         self.timer(now + self.cfg.session_ttl, Timer::Expire(sid));
         self.offer_to(now, sid, v);
     }

@@ -225,6 +225,13 @@ impl Incoming {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Outgoing {
+    /// First message on every connection, before the client says anything: the versions the
+    /// service speaks and the STUN/TURN servers to gather candidates with (a consumer needs
+    /// them before it can make its offer).
+    Hello {
+        versions: Vec<u32>,
+        ice_servers: Vec<IceServer>,
+    },
     /// A volunteer is registered. `ping_ms`: PING at least this often; `idle_ms`: silence
     /// after which the service drops it.
     Registered {
@@ -232,14 +239,12 @@ pub enum Outgoing {
         id: String,
         ping_ms: u64,
         idle_ms: u64,
-        ice_servers: Vec<IceServer>,
     },
     /// A consumer got a volunteer; the answer and candidates follow.
     Matched {
         version: u32,
         session: SessionId,
         ttl_ms: u64,
-        ice_servers: Vec<IceServer>,
     },
     /// No volunteer is free now; try again after `retry_after_ms`.
     Unavailable {
@@ -287,6 +292,7 @@ impl Outgoing {
     /// The `type` of this message (metrics label).
     pub fn kind(&self) -> &'static str {
         match self {
+            Outgoing::Hello { .. } => "hello",
             Outgoing::Registered { .. } => "registered",
             Outgoing::Matched { .. } => "matched",
             Outgoing::Unavailable { .. } => "unavailable",
