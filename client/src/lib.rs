@@ -10,8 +10,11 @@ pub mod consumer;
 pub mod link;
 pub mod local_proxy;
 pub mod middlebox;
+pub mod pipe;
 pub mod relay;
+pub mod signaled;
 pub mod transport;
+pub mod volunteer;
 
 pub use consumer::{Consumer, ProxyError};
 pub use link::{Link, LinkConfig, LinkEvent, LinkSender, TlsMode};

@@ -3,23 +3,21 @@
 //! PINGs at the server's keepalive interval (jittered), detects a dead link by a missed
 //! PONG, and moves DATA between routes and the caller.
 
+use crate::pipe::{Pipe, PipeEvent};
+use crate::transport;
 pub use crate::transport::TlsMode;
-use crate::transport::{self, BoxStream};
 use broflake_proto::client::{ClientEvent, RouteError};
 use broflake_proto::time::Clock;
 use broflake_proto::{binding, ClientConfig, ClientSession, Close, ErrorCode, Negotiated};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Error as WsError;
 
 /// How to open a link.
 #[derive(Debug, Clone)]
@@ -202,9 +200,9 @@ pub struct Link {
     pub events: mpsc::Receiver<LinkEvent>,
     /// Why the link ended, once it has.
     pub end: Arc<Mutex<Option<String>>>,
+    /// The WebRTC candidate pair, for a link over a DataChannel pair.
+    pub path: Option<broflake_rtc::PathHandle>,
 }
-
-type Ws = WebSocketStream<BoxStream>;
 
 fn parse_url(url: &str) -> Result<(String, u16, bool), LinkError> {
     let uri: Uri = url.parse().map_err(|_| LinkError::BadUrl(url.into()))?;
@@ -265,43 +263,46 @@ impl Link {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            handshake(ws, cfg.clone(), subprotocol).await
+            handshake(Pipe::Ws(Box::new(ws)), cfg.clone(), subprotocol).await
         };
         tokio::time::timeout(timeout, fut).await.map_err(|_| LinkError::Timeout)?
     }
+
+    /// Runs the client side of the protocol over an open pipe (a WebRTC DataChannel pair to
+    /// a volunteer): the handshake, then the link as over a WebSocket.
+    pub async fn over(pipe: Pipe, cfg: LinkConfig) -> Result<Link, LinkError> {
+        let timeout = cfg.connect_timeout;
+        // A DataChannel has no subprotocol header: the version is negotiated in HELLO.
+        let subprotocol = binding::Selected::Generic.token();
+        tokio::time::timeout(timeout, handshake(pipe, cfg, subprotocol)).await.map_err(|_| LinkError::Timeout)?
+    }
 }
 
-async fn send_tx(ws: &mut Ws, tx: &mut Vec<u8>) -> Result<(), WsError> {
+async fn send_tx(pipe: &mut Pipe, tx: &mut Vec<u8>, data_only: bool) -> Result<(), String> {
     if tx.is_empty() {
         return Ok(());
     }
-    ws.send(Message::Binary(Bytes::from(std::mem::take(tx)))).await
+    pipe.send(Bytes::from(std::mem::take(tx)), data_only).await
 }
 
-async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<Link, LinkError> {
+async fn handshake(mut pipe: Pipe, cfg: LinkConfig, subprotocol: String) -> Result<Link, LinkError> {
     let clock = Clock::new(std::time::Instant::now());
     let now = || clock.at(std::time::Instant::now());
     let mut session = ClientSession::new(cfg.seed);
     let mut tx = Vec::new();
     session.start(&cfg.client, now(), &mut tx);
-    send_tx(&mut ws, &mut tx).await.map_err(|e| LinkError::Closed(e.to_string()))?;
+    send_tx(&mut pipe, &mut tx, false).await.map_err(LinkError::Closed)?;
     let negotiated = loop {
-        let msg = match ws.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(LinkError::Closed(e.to_string())),
-            None => return Err(LinkError::Closed("connection closed".into())),
-        };
-        let bytes = match msg {
-            Message::Binary(b) => b,
-            Message::Close(f) => {
-                let (code, reason) =
-                    f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+        let bytes = match pipe.recv().await {
+            PipeEvent::Message(b) => b,
+            PipeEvent::Text => continue,
+            PipeEvent::Closed { reason, code: Some(code) } => {
                 return Err(match ErrorCode::from_close_code(code) {
                     Some(c) if code != 1000 => LinkError::Refused(Close::peer(c, &reason, 0)),
                     _ => LinkError::Closed(format!("close {code} {reason}")),
                 });
             }
-            _ => continue,
+            PipeEvent::Closed { reason, code: None } => return Err(LinkError::Closed(reason)),
         };
         let mut welcome = None;
         let r = session.handle_message(&cfg.client, now(), &bytes, &mut tx, |_, ev, _| {
@@ -314,7 +315,7 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
             Ok(()) => {}
             Err(close) if close.by_peer => return Err(LinkError::Refused(close)),
             Err(close) => {
-                let _ = send_tx(&mut ws, &mut tx).await;
+                let _ = send_tx(&mut pipe, &mut tx, false).await;
                 return Err(LinkError::Closed(close.to_string()));
             }
         }
@@ -326,7 +327,9 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
     let (ev_tx, ev_rx) = mpsc::channel(cfg.queue);
     let stats = Arc::new(LinkStats::default());
     let end = Arc::new(Mutex::new(None));
-    let driver = Driver { ws, session, cfg, clock, cmd_rx, ev_tx, stats: stats.clone(), end: end.clone(), tx };
+    let path = pipe.path();
+    let driver =
+        Driver { pipe: Some(pipe), session, cfg, clock, cmd_rx, ev_tx, stats: stats.clone(), end: end.clone(), tx };
     tokio::spawn(driver.run());
     Ok(Link {
         negotiated,
@@ -339,11 +342,13 @@ async fn handshake(mut ws: Ws, cfg: LinkConfig, subprotocol: String) -> Result<L
         },
         events: ev_rx,
         end,
+        path,
     })
 }
 
 struct Driver {
-    ws: Ws,
+    /// Always Some while running (taken to close it at the end).
+    pipe: Option<Pipe>,
     session: ClientSession,
     cfg: LinkConfig,
     clock: Clock,
@@ -372,12 +377,18 @@ impl Driver {
                 .poll_timeout(&self.cfg.client)
                 .map(|t| tokio::time::Instant::from_std(self.clock.instant(t)))
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let pipe = self.pipe.as_mut().expect("running");
+            let mut data_only = false;
             let step = tokio::select! {
                 _ = tokio::time::sleep_until(wake) => self.on_timeout(),
-                cmd = self.cmd_rx.recv() => self.on_cmd(cmd),
-                msg = self.ws.next() => self.on_message(msg).await,
+                cmd = self.cmd_rx.recv() => {
+                    data_only = matches!(cmd, Some(Cmd::Data { .. }));
+                    self.on_cmd(cmd)
+                }
+                msg = pipe.recv() => self.on_message(msg).await,
             };
-            if let Err(e) = send_tx(&mut self.ws, &mut self.tx).await {
+            let pipe = self.pipe.as_mut().expect("running");
+            if let Err(e) = send_tx(pipe, &mut self.tx, data_only).await {
                 break (None, format!("send failed: {e}"));
             }
             if let Step::End(close, reason) = step {
@@ -385,9 +396,8 @@ impl Driver {
             }
         };
         let code = close.as_ref().map(|c| c.0);
-        if let Some((code, why)) = close {
-            let frame = CloseFrame { code: CloseCode::from(code), reason: why.into() };
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(Some(frame))).await;
+        if let (Some((code, why)), Some(pipe)) = (close, self.pipe.take()) {
+            pipe.close(code, why).await;
         }
         tracing::debug!(url = %self.cfg.url, %reason, "link ended");
         *self.end.lock().expect("poisoned") = Some(reason.clone());
@@ -415,8 +425,13 @@ impl Driver {
             }
             Some(Cmd::Data { label, packet }) => {
                 let mut n = u64::from(self.session.send_data(label, &packet, &mut self.tx));
-                // Coalesce what is already queued into the same message.
-                let limit = self.session.max_frame_size();
+                // Coalesce what is already queued into the same message (not on a
+                // DataChannel: there each packet is its own unreliable message).
+                let limit = if self.pipe.as_ref().is_some_and(Pipe::coalesces_data) {
+                    self.session.max_frame_size()
+                } else {
+                    0
+                };
                 while self.tx.len() < limit {
                     match self.cmd_rx.try_recv() {
                         Ok(Cmd::Data { label, packet }) => {
@@ -450,20 +465,16 @@ impl Driver {
         }
     }
 
-    async fn on_message(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+    async fn on_message(&mut self, msg: PipeEvent) -> Step {
         let bytes = match msg {
-            Some(Ok(Message::Binary(b))) => b,
-            Some(Ok(Message::Close(f))) => {
-                let (code, reason) =
-                    f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+            PipeEvent::Message(b) => b,
+            PipeEvent::Closed { reason, code: Some(code) } => {
                 return Step::End(None, format!("server closed: {code} {reason}").trim_end().to_string());
             }
-            Some(Ok(Message::Text(_))) => {
+            PipeEvent::Closed { reason, code: None } => return Step::End(None, reason),
+            PipeEvent::Text => {
                 return Step::End(Some((1003, "text messages are not allowed".into())), "text message".into())
             }
-            Some(Ok(_)) => return Step::Continue,
-            Some(Err(e)) => return Step::End(None, format!("connection error: {e}")),
-            None => return Step::End(None, "connection closed by peer".into()),
         };
         let now = self.now();
         let mut events = Vec::new();

@@ -4,6 +4,7 @@
 
 use crate::consumer::{Consumer, ConsumerConfig, ProxyError};
 use crate::link::{Link, LinkConfig};
+use crate::signaled::{self, SignalSource};
 use broflake_proto::proxy::ProxyStatus;
 use broflake_proto::Role;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -16,6 +17,8 @@ use tokio::task::JoinSet;
 /// What the consumer service needs.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
+    /// A signaling service that finds a volunteer to reach over WebRTC (tried first).
+    pub signal: Option<SignalSource>,
     /// Relay (or egress) URLs, tried in order; the next one takes over when a link dies.
     pub relays: Vec<LinkConfig>,
     pub quic: ConsumerConfig,
@@ -27,6 +30,8 @@ pub struct ConsumerOptions {
 #[derive(Debug)]
 pub struct ConsumerService {
     pub consumer: Arc<Consumer>,
+    /// How the consumer reaches the egress now (changes on failover).
+    pub via: tokio::sync::watch::Receiver<Via>,
     pub socks_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
     tasks: JoinSet<()>,
@@ -34,15 +39,20 @@ pub struct ConsumerService {
 
 impl ConsumerService {
     pub async fn start(mut opts: ConsumerOptions) -> anyhow::Result<ConsumerService> {
-        anyhow::ensure!(!opts.relays.is_empty(), "at least one relay URL is needed");
+        anyhow::ensure!(
+            !opts.relays.is_empty() || opts.signal.is_some(),
+            "a signaling service or at least one relay URL is needed"
+        );
         for r in &mut opts.relays {
             r.client.role = Role::CONSUMER;
         }
-        let (first, link) = connect_any(&opts.relays, 0).await?;
+        let sources = Sources { signal: opts.signal.clone(), relays: opts.relays.clone() };
+        let (first, link, via) = sources.connect_any(0).await?;
         let consumer = Arc::new(Consumer::connect(link, &opts.quic).await?);
-        tracing::info!(relay = %opts.relays[first].url, "consumer connected to the egress");
+        tracing::info!(via = %via, "consumer connected to the egress");
+        let (via_tx, via_rx) = tokio::sync::watch::channel(via);
         let mut tasks = JoinSet::new();
-        tasks.spawn(supervise(consumer.clone(), opts.relays.clone(), first));
+        tasks.spawn(supervise(consumer.clone(), sources, first, via_tx));
         let mut socks_addr = None;
         let mut http_addr = None;
         if let Some(a) = opts.socks {
@@ -55,7 +65,7 @@ impl ConsumerService {
             http_addr = Some(l.local_addr()?);
             tasks.spawn(serve(l, consumer.clone(), Kind::Http));
         }
-        Ok(ConsumerService { consumer, socks_addr, http_addr, tasks })
+        Ok(ConsumerService { consumer, via: via_rx, socks_addr, http_addr, tasks })
     }
 
     pub async fn stop(mut self) {
@@ -68,24 +78,70 @@ impl ConsumerService {
     }
 }
 
-/// Connects to the first relay that answers, starting at `start`.
-async fn connect_any(relays: &[LinkConfig], start: usize) -> anyhow::Result<(usize, Link)> {
-    let mut last = None;
-    for i in 0..relays.len() {
-        let idx = (start + i) % relays.len();
-        match Link::connect(relays[idx].clone()).await {
-            Ok(l) => return Ok((idx, l)),
-            Err(e) => {
-                tracing::warn!(relay = %relays[idx].url, error = %e, "relay unavailable");
-                last = Some(e);
-            }
-        }
-    }
-    Err(anyhow::anyhow!("no relay reachable: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+/// How the consumer reaches the egress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// A volunteer over WebRTC, with the candidate pair in use when it connected.
+    Volunteer { path: Option<broflake_rtc::SelectedPath> },
+    /// A relay (or the egress) over WebSocket.
+    Relay { url: String },
 }
 
-/// Moves the QUIC connection to another relay whenever the current link dies.
-async fn supervise(consumer: Arc<Consumer>, relays: Vec<LinkConfig>, mut current: usize) {
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Volunteer { path: Some(p) } => write!(f, "volunteer over WebRTC ({p})"),
+            Via::Volunteer { path: None } => write!(f, "volunteer over WebRTC"),
+            Via::Relay { url } => write!(f, "relay {url}"),
+        }
+    }
+}
+
+/// Where links come from: the signaling service first, then the relay URLs.
+#[derive(Debug, Clone)]
+struct Sources {
+    signal: Option<SignalSource>,
+    relays: Vec<LinkConfig>,
+}
+
+impl Sources {
+    /// A link from the signaling service, else from the first relay that answers after
+    /// index `start` (relay indices; the signaling service is tried every time).
+    async fn connect_any(&self, start: usize) -> anyhow::Result<(usize, Link, Via)> {
+        let mut last = None;
+        if let Some(s) = &self.signal {
+            match signaled::connect(s).await {
+                Ok(link) => {
+                    let path = link.path.as_ref().and_then(|p| p.get());
+                    return Ok((start, link, Via::Volunteer { path }));
+                }
+                Err(e) => {
+                    tracing::warn!(signal = %s.url, error = %e, "no volunteer through the signaling service");
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        for i in 0..self.relays.len() {
+            let idx = (start + i) % self.relays.len();
+            match Link::connect(self.relays[idx].clone()).await {
+                Ok(l) => return Ok((idx, l, Via::Relay { url: self.relays[idx].url.clone() })),
+                Err(e) => {
+                    tracing::warn!(relay = %self.relays[idx].url, error = %e, "relay unavailable");
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        Err(anyhow::anyhow!("no relay reachable: {}", last.unwrap_or_default()))
+    }
+}
+
+/// Moves the QUIC connection to another volunteer or relay whenever the current link dies.
+async fn supervise(
+    consumer: Arc<Consumer>,
+    sources: Sources,
+    mut current: usize,
+    via: tokio::sync::watch::Sender<Via>,
+) {
     let mut attempt = 0u32;
     loop {
         consumer.link_down.notified().await;
@@ -93,10 +149,11 @@ async fn supervise(consumer: Arc<Consumer>, relays: Vec<LinkConfig>, mut current
             if consumer.connection.close_reason().is_some() {
                 return;
             }
-            match connect_any(&relays, current + 1).await {
-                Ok((idx, link)) => match consumer.attach(link).await {
+            match sources.connect_any(current + 1).await {
+                Ok((idx, link, how)) => match consumer.attach(link).await {
                     Ok(()) => {
-                        tracing::info!(relay = %relays[idx].url, "consumer failed over");
+                        tracing::info!(via = %how, "consumer failed over");
+                        let _ = via.send(how);
                         current = idx;
                         attempt = 0;
                         break;

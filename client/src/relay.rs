@@ -2,17 +2,20 @@
 //! upstream relay), keeps them alive with client-driven PING, replaces dead ones with capped
 //! exponential backoff, follows GOAWAY, and label-switches consumers' routes onto them.
 //!
-//! Downstream peers (consumers, or relays further down a chain) connect over WebSocket,
-//! standing in for the WebRTC data channels of production, and get the server side of the
-//! protocol from the same `proto` session the egress runs.
+//! Downstream peers get the server side of the protocol from the same `proto` session the
+//! egress runs, over either transport: consumers behind NAT reach a volunteer over WebRTC
+//! DataChannels set up through the signaling service ([`crate::volunteer`]); consumers
+//! and relays further down a chain can also connect to a WebSocket listener.
 
 use crate::link::{Link, LinkConfig, LinkEvent, LinkSender};
+use crate::pipe::{Pipe, PipeEvent};
+use crate::transport::BoxStream;
+use crate::volunteer::{self, VolunteerConfig};
 use broflake_proto::relay::RouteTable;
 use broflake_proto::server::{ServerConfig, ServerEvent, ServerSession};
 use broflake_proto::time::Clock;
 use broflake_proto::{binding, ErrorCode, SessionId};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +26,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
-use tokio_tungstenite::tungstenite::Message;
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -32,8 +34,10 @@ pub struct RelayConfig {
     pub upstream: LinkConfig,
     /// Links kept open before any consumer arrives.
     pub pool: usize,
-    /// Where downstream peers connect (`ws://ADDR/…`).
-    pub listen: SocketAddr,
+    /// Where downstream peers may connect over WebSocket (`ws://ADDR/…`); None: none.
+    pub listen: Option<SocketAddr>,
+    /// Serve consumers over WebRTC, found through a signaling service (the volunteer role).
+    pub volunteer: Option<VolunteerConfig>,
     /// Protocol settings for downstream sessions.
     pub downstream: ServerConfig,
     pub backoff_base: Duration,
@@ -45,7 +49,8 @@ impl RelayConfig {
         RelayConfig {
             upstream,
             pool: 3,
-            listen,
+            listen: Some(listen),
+            volunteer: None,
             downstream: ServerConfig::default(),
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
@@ -75,15 +80,19 @@ pub struct RelayStats {
 /// A running relay. Dropping it stops everything.
 #[derive(Debug)]
 pub struct Relay {
-    pub listen_addr: SocketAddr,
+    /// The WebSocket listener's address, if the relay has one.
+    pub listen_addr: Option<SocketAddr>,
     pub stats: Arc<RelayStats>,
     tasks: JoinSet<()>,
 }
 
 impl Relay {
     pub async fn start(cfg: RelayConfig) -> std::io::Result<Relay> {
-        let listener = TcpListener::bind(cfg.listen).await?;
-        let listen_addr = listener.local_addr()?;
+        let listener = match cfg.listen {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        let listen_addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let stats = Arc::new(RelayStats::default());
         let (router_tx, router_rx) = mpsc::channel(8192);
         let mut tasks = JoinSet::new();
@@ -91,7 +100,12 @@ impl Relay {
         for slot in 0..cfg.pool {
             tasks.spawn(slot_task(slot as u64, cfg.clone(), router_tx.clone(), stats.clone()));
         }
-        tasks.spawn(accept_loop(listener, cfg.downstream.clone(), router_tx, stats.clone()));
+        if let Some(v) = cfg.volunteer.clone() {
+            tasks.spawn(volunteer::run(v, Arc::new(cfg.downstream.clone()), router_tx.clone(), stats.clone()));
+        }
+        if let Some(l) = listener {
+            tasks.spawn(accept_loop(l, cfg.downstream.clone(), router_tx, stats.clone()));
+        }
         Ok(Relay { listen_addr, stats, tasks })
     }
 
@@ -102,15 +116,17 @@ impl Relay {
         while self.tasks.join_next().await.is_some() {}
     }
 
+    /// The WebSocket listener's URL. Panics for a relay without one.
     pub fn url(&self) -> String {
-        format!("ws://{}{}", self.listen_addr, binding::DEFAULT_PATH)
+        let addr = self.listen_addr.expect("this relay has no WebSocket listener");
+        format!("ws://{addr}{}", binding::DEFAULT_PATH)
     }
 }
 
 type UpId = u64;
-type DownId = u64;
+pub(crate) type DownId = u64;
 
-enum Ev {
+pub(crate) enum Ev {
     UpOpen {
         up: UpId,
         sender: LinkSender,
@@ -153,7 +169,7 @@ enum Ev {
 }
 
 #[derive(Debug)]
-enum DownCmd {
+pub(crate) enum DownCmd {
     Data { label: u64, packet: Bytes },
     RouteClose { label: u64, code: ErrorCode },
 }
@@ -386,7 +402,7 @@ async fn pump(mut link: Link, up: UpId, router: mpsc::Sender<Ev>, stats: Arc<Rel
     }
 }
 
-static DOWN_IDS: AtomicU64 = AtomicU64::new(1);
+pub(crate) static DOWN_IDS: AtomicU64 = AtomicU64::new(1);
 
 async fn accept_loop(listener: TcpListener, cfg: ServerConfig, router: mpsc::Sender<Ev>, stats: Arc<RelayStats>) {
     let cfg = Arc::new(cfg);
@@ -399,7 +415,7 @@ async fn accept_loop(listener: TcpListener, cfg: ServerConfig, router: mpsc::Sen
         let (cfg, router, stats) = (cfg.clone(), router.clone(), stats.clone());
         tokio::spawn(async move {
             stats.downstream_links.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = downstream(stream, down, cfg, router.clone()).await {
+            if let Err(e) = downstream_ws(stream, down, cfg, router.clone()).await {
                 tracing::debug!(%peer, error = %e, "downstream link ended");
             }
             stats.downstream_links.fetch_sub(1, Ordering::Relaxed);
@@ -408,8 +424,8 @@ async fn accept_loop(listener: TcpListener, cfg: ServerConfig, router: mpsc::Sen
     }
 }
 
-/// One downstream link: the server side of the protocol, routes handed to the router.
-async fn downstream(
+/// A downstream peer over WebSocket: the upgrade, then [`serve_downstream`].
+async fn downstream_ws(
     stream: TcpStream,
     down: DownId,
     cfg: Arc<ServerConfig>,
@@ -432,11 +448,23 @@ async fn downstream(
             }
         }
     };
-    let mut ws = tokio::time::timeout(
+    let stream: BoxStream = Box::new(stream);
+    let ws = tokio::time::timeout(
         Duration::from_millis(cfg.handshake_timeout_ms),
         tokio_tungstenite::accept_hdr_async(stream, callback),
     )
     .await??;
+    serve_downstream(Pipe::Ws(Box::new(ws)), down, cfg, router).await
+}
+
+/// One downstream link: the server side of the protocol over `pipe`, routes handed to the
+/// router.
+pub(crate) async fn serve_downstream(
+    mut pipe: Pipe,
+    down: DownId,
+    cfg: Arc<ServerConfig>,
+    router: mpsc::Sender<Ev>,
+) -> anyhow::Result<()> {
     let (tx_cmd, mut rx_cmd) = mpsc::channel::<DownCmd>(1024);
     router.send(Ev::DownOpen { down, tx: tx_cmd }).await?;
     let clock = Clock::new(std::time::Instant::now());
@@ -444,23 +472,30 @@ async fn downstream(
     let mut session = ServerSession::new(now());
     let mut ids = broflake_proto::grease::Rng::new(crate::link::seed());
     let mut tx = Vec::new();
+    // Several packets per message over WebSocket; one per message on a DataChannel.
+    let coalesce = if pipe.coalesces_data() { cfg.max_frame_size as usize } else { 0 };
     loop {
         let wake = session
             .next_timeout(&cfg)
             .map(|t| tokio::time::Instant::from_std(clock.instant(t)))
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let mut end = None;
+        let mut data_only = false;
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {
                 if let Err(c) = session.on_timeout(&cfg, now(), &mut tx) { end = Some(c) }
             }
             cmd = rx_cmd.recv() => match cmd {
                 Some(DownCmd::Data { label, packet }) => {
+                    data_only = true;
                     session.send_data(label, &packet, &mut tx);
-                    while tx.len() < cfg.max_frame_size as usize {
+                    while tx.len() < coalesce {
                         match rx_cmd.try_recv() {
                             Ok(DownCmd::Data { label, packet }) => { session.send_data(label, &packet, &mut tx); }
-                            Ok(DownCmd::RouteClose { label, code }) => { session.close_route(label, code, &mut tx); }
+                            Ok(DownCmd::RouteClose { label, code }) => {
+                                data_only = false;
+                                session.close_route(label, code, &mut tx);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -468,12 +503,11 @@ async fn downstream(
                 Some(DownCmd::RouteClose { label, code }) => { session.close_route(label, code, &mut tx); }
                 None => return Ok(()),
             },
-            msg = ws.next() => {
+            msg = pipe.recv() => {
                 let bytes = match msg {
-                    Some(Ok(Message::Binary(b))) => b,
-                    Some(Ok(Message::Close(_))) | None => return Ok(()),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(e.into()),
+                    PipeEvent::Message(b) => b,
+                    PipeEvent::Closed { .. } => return Ok(()),
+                    PipeEvent::Text => continue,
                 };
                 let mut events = Vec::new();
                 let r = session.handle_message(&cfg, now(), &bytes, &mut tx, |s, ev, tx| {
@@ -499,14 +533,10 @@ async fn downstream(
             }
         }
         if !tx.is_empty() {
-            ws.send(Message::Binary(Bytes::from(std::mem::take(&mut tx)))).await?;
+            pipe.send(Bytes::from(std::mem::take(&mut tx)), data_only).await.map_err(anyhow::Error::msg)?;
         }
         if let Some(c) = end {
-            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                code: c.close_code().into(),
-                reason: c.reason.to_string().into(),
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+            pipe.close(c.close_code(), c.reason.to_string()).await;
             return Ok(());
         }
     }

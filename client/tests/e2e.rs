@@ -32,6 +32,7 @@ async fn relay(upstream: String, pool: usize) -> Relay {
 
 async fn consumer(e: &Egress, relays: &[String]) -> ConsumerService {
     let opts = ConsumerOptions {
+        signal: None,
         relays: relays.iter().map(|u| LinkConfig::new(u.clone())).collect(),
         quic: ConsumerConfig { tls: TlsMode::Pinned(e.fingerprint.clone()), ..ConsumerConfig::default() },
         socks: Some("127.0.0.1:0".parse().unwrap()),

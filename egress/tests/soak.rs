@@ -191,6 +191,7 @@ async fn consumer_loop(job: Job, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     let Job { relays, fingerprint, server, digest } = job;
     while !stop.load(Ordering::Relaxed) {
         let opts = ConsumerOptions {
+            signal: None,
             relays: relays.iter().map(|u| LinkConfig::new(u.clone())).collect(),
             quic: ConsumerConfig { tls: TlsMode::Pinned(fingerprint.clone()), ..ConsumerConfig::default() },
             socks: None,

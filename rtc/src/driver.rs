@@ -198,7 +198,11 @@ pub(crate) async fn start(cfg: &RtcConfig, offer: Option<&str>) -> Result<Peer, 
     let base = Instant::now();
     let g = gather(&socket, host, &servers, cfg.gather_timeout, base).await;
     crypto();
-    let mut rtc = Rtc::builder().build(Instant::now());
+    // Datagrams up to 1436 bytes: a 1350-byte QUIC packet in one DATA frame fits one SCTP
+    // chunk (str0m's default, 1150, would split it in two, and on the unreliable channel the
+    // loss of either half loses the packet), and 1436 + 36 bytes of TURN Send indication +
+    // 28 of UDP/IPv4 is 1500.
+    let mut rtc = Rtc::builder().set_mtu(1436..=1500).build(Instant::now());
     if !cfg.relay_only {
         rtc.add_local_candidate(Candidate::host(host, "udp").map_err(|e| RtcError::Rtc(e.to_string()))?);
         if let Some(s) = g.srflx.filter(|s| *s != host) {
@@ -258,6 +262,7 @@ pub(crate) async fn start(cfg: &RtcConfig, offer: Option<&str>) -> Result<Peer, 
         opened: [false; 2],
         remote: Vec::new(),
         connected: false,
+        control: std::collections::VecDeque::new(),
         closing: None,
         path: Arc::new(Mutex::new(None)),
         end: Arc::new(Mutex::new(None)),
@@ -288,6 +293,8 @@ struct Driver {
     opened: [bool; 2],
     remote: Vec<(SocketAddr, CandidateKind)>,
     connected: bool,
+    /// Control messages the reliable channel has not taken yet.
+    control: std::collections::VecDeque<Bytes>,
     /// Set when the owner is gone: the channels are closed and the loop runs until then, so
     /// the peer hears it (an SCTP stream reset) instead of waiting for ICE consent to expire.
     closing: Option<tokio::time::Instant>,
@@ -304,6 +311,9 @@ impl Driver {
         let mut buf = vec![0u8; 65536];
         let reason = loop {
             let closing = self.closing;
+            if !self.control.is_empty() {
+                self.flush_control();
+            }
             let rtc_wait = match self.drain_rtc() {
                 Ok(t) => t,
                 Err(e) => break e,
@@ -325,9 +335,10 @@ impl Driver {
                 c = self.cmd_rx.recv(), if closing.is_none() => match c {
                     Some(c) => self.on_cmd(c),
                     None => {
-                        self.rtc.direct_api().close_data_channel(self.ids.0);
-                        self.rtc.direct_api().close_data_channel(self.ids.1);
                         self.closing = Some(tokio::time::Instant::now() + Duration::from_millis(300));
+                        self.rtc.direct_api().close_data_channel(self.ids.0);
+                        let _ = self.drain_rtc();
+                        self.rtc.direct_api().close_data_channel(self.ids.1);
                     }
                 },
                 _ = tokio::time::sleep_until(wake) => {
@@ -432,6 +443,8 @@ impl Driver {
                 }
                 for (peer, bytes) in peer_data {
                     self.receive(peer, relayed, &bytes);
+                    // str0m wants its output drained after every input.
+                    let _ = self.drain_rtc();
                 }
                 return;
             }
@@ -471,6 +484,7 @@ impl Driver {
                 };
                 if r.is_ok() {
                     for c in sdp_candidates(&sdp) {
+                        let _ = self.drain_rtc();
                         self.add_remote(c);
                     }
                 }
@@ -480,16 +494,17 @@ impl Driver {
                 Ok(c) => self.add_remote(c),
                 Err(e) => tracing::debug!(error = %e, "remote candidate ignored"),
             },
-            Cmd::Send { data, bytes } => {
-                let id = if data { self.ids.1 } else { self.ids.0 };
-                if let Some(mut ch) = self.rtc.channel(id) {
-                    if data && ch.buffered_amount() > DATA_BUFFER_LIMIT {
-                        return;
-                    }
-                    if let Ok(false) | Err(_) = ch.write(true, &bytes) {
-                        tracing::debug!(data, "DataChannel write refused");
+            Cmd::Send { data: true, bytes } => {
+                if let Some(mut ch) = self.rtc.channel(self.ids.1) {
+                    // Like a datagram: dropped when the channel is backed up.
+                    if ch.buffered_amount() <= DATA_BUFFER_LIMIT && !matches!(ch.write(true, &bytes), Ok(true)) {
+                        tracing::trace!("DATA message dropped: the channel is full");
                     }
                 }
+            }
+            Cmd::Send { data: false, bytes } => {
+                self.control.push_back(bytes);
+                self.flush_control();
             }
         }
     }
@@ -516,10 +531,29 @@ impl Driver {
                 }
             }
             Event::ChannelData(d) => self.deliver(d.data),
+            Event::ChannelBufferedAmountLow(_) => self.flush_control(),
             // The peer closed a channel: the hop is over. (Our own closes come back as this
             // event too; those wait for the reset to reach the peer.)
             Event::ChannelClose(_) if self.closing.is_none() => self.rtc.disconnect(),
             _ => {}
+        }
+    }
+
+    /// Writes queued control messages while the reliable channel takes them (a full buffer
+    /// refuses a write; the rest waits for it to drain).
+    fn flush_control(&mut self) {
+        while let Some(m) = self.control.front() {
+            let Some(mut ch) = self.rtc.channel(self.ids.0) else { return };
+            match ch.write(true, m) {
+                Ok(true) => {
+                    self.control.pop_front();
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "control message refused");
+                    self.control.pop_front();
+                }
+            }
         }
     }
 

@@ -160,6 +160,11 @@ impl Peer {
         }
     }
 
+    /// A handle that adds trickled remote candidates while [`Peer::connected`] waits.
+    pub fn candidate_sink(&self) -> CandidateSink {
+        CandidateSink(self.cmd.clone())
+    }
+
     /// Waits until both channels are open (ICE, DTLS and SCTP done).
     pub async fn connected(self, timeout: Duration) -> Result<DataPipe, RtcError> {
         let cmd = self.cmd;
@@ -169,6 +174,20 @@ impl Peer {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RtcError::Closed("driver gone".into())),
             Err(_) => Err(RtcError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Adds trickled remote candidates to a peer being set up. Drop it once the peer is
+/// connected: it keeps the peer's task alive.
+#[derive(Debug, Clone)]
+pub struct CandidateSink(mpsc::Sender<Cmd>);
+
+impl CandidateSink {
+    /// A remote `candidate:` line (an empty one, the end of candidates, is ignored).
+    pub async fn add(&self, candidate: &str) {
+        if !candidate.is_empty() {
+            let _ = self.0.send(Cmd::Candidate(candidate.to_owned())).await;
         }
     }
 }
