@@ -16,8 +16,8 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "broflake", version, about = "Broflake relay and consumer")]
 struct Cli {
-    /// Log filter (tracing syntax).
-    #[arg(long, global = true, default_value = "info")]
+    /// Log filter (tracing syntax). The TURN client logs every poll at info: quieted.
+    #[arg(long, global = true, default_value = "info,turn_client_proto=warn,turn_types=warn,stun_proto=warn")]
     log: String,
     #[command(subcommand)]
     cmd: Cmd,

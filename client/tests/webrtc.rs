@@ -67,7 +67,9 @@ async fn a_consumer_downloads_through_a_volunteer_over_webrtc_and_fails_over_to_
         let start = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         testkit::sha256_hex(&body[start..])
     };
+    let t = Instant::now();
     assert_eq!(fetch(&consumer).await, sha, "8 MiB through the WebRTC hop");
+    eprintln!("8 MiB in {:?}", t.elapsed());
 
     // The volunteer goes away; the consumer gets another from the signaling service and its
     // QUIC connection moves there.

@@ -386,7 +386,8 @@ impl Driver {
         match t.send_to(TransportType::Udp, destination, data, now) {
             Ok(Some(tb)) => {
                 let tx = tb.build();
-                let _ = self.socket.try_send_to(&tx.data, tx.to);
+                let r = self.socket.try_send_to(&tx.data, tx.to);
+                tracing::trace!(%destination, len = data.len(), sent = ?r, "through TURN");
             }
             Ok(None) => {}
             Err(SendError::NoPermission) => {
@@ -415,9 +416,6 @@ impl Driver {
         while let Some(tx) = t.poll_transmit(now) {
             let _ = self.socket.try_send_to(tx.data.as_ref(), tx.to);
         }
-        while let Some(ev) = t.poll_event() {
-            tracing::debug!(event = ?ev, "TURN");
-        }
         match t.poll(now) {
             TurnPollRet::WaitUntil(i) => tokio::time::Instant::from_std(i.to_std(self.base)),
             TurnPollRet::Closed => {
@@ -436,10 +434,15 @@ impl Driver {
                 let mut peer_data = Vec::new();
                 match t.recv(TurnTransmit::new(data, TransportType::Udp, from, self.host), now) {
                     TurnRecvRet::PeerData(d) => peer_data.push((d.peer, d.data().to_vec())),
-                    TurnRecvRet::Ignored(_) | TurnRecvRet::Handled | TurnRecvRet::PeerIcmp { .. } => {}
+                    other => tracing::trace!(ret = ?other, len = data.len(), "from the TURN server"),
                 }
                 while let Some(d) = t.poll_recv(now) {
                     peer_data.push((d.peer, d.data().to_vec()));
+                }
+                // Events follow only from what the server sent (asking on every loop would cost
+                // a log line each: the client traces every call).
+                while let Some(ev) = t.poll_event() {
+                    tracing::debug!(event = ?ev, "TURN");
                 }
                 for (peer, bytes) in peer_data {
                     self.receive(peer, relayed, &bytes);

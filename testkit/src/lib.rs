@@ -1,5 +1,7 @@
 //! Test support for the end-to-end suites. Everything here is real: real sockets, a real
-//! egress, a real HTTP server on loopback.
+//! egress, a real HTTP server on loopback, real NATs in network namespaces ([`nat`]).
+
+pub mod nat;
 
 use broflake_egress::config::{Backend, Config, LivenessMode};
 use broflake_proto::frame::{decode_message, Frame};
@@ -80,6 +82,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub async fn http_server(len: usize, seed: u64) -> (SocketAddr, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    (addr, serve_http(listener, len, seed))
+}
+
+/// Serves one body for any GET on `listener` (e.g. one bound in a network namespace);
+/// returns the body's SHA-256.
+pub fn serve_http(listener: TcpListener, len: usize, seed: u64) -> String {
     let body = Bytes::from(body(len, seed));
     let digest = sha256_hex(&body);
     tokio::spawn(async move {
@@ -111,7 +119,7 @@ pub async fn http_server(len: usize, seed: u64) -> (SocketAddr, String) {
             });
         }
     });
-    (addr, digest)
+    digest
 }
 
 pub type RawWs = WebSocketStream<TcpStream>;

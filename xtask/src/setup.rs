@@ -9,10 +9,18 @@ fn quiet_ok(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-/// Everything the test command needs.
+/// Everything the test command needs: curl; Prometheus (promtool and the server); coturn
+/// (STUN/TURN), nftables and iproute2 for the NAT tests in network namespaces.
 pub fn all() -> Result<()> {
     runtime()?;
-    apt(&[("curl", "curl"), ("promtool", "prometheus")])?;
+    apt(&[
+        ("curl", "curl"),
+        ("promtool", "prometheus"),
+        ("prometheus", "prometheus"),
+        ("turnserver", "coturn"),
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+    ])?;
     fuzz_tools()
 }
 
