@@ -336,8 +336,14 @@ async fn serve_client(
                 Some(Ok(Message::Close(_))) | None => return Ok(()),
                 Some(Ok(_)) => {}
                 Some(Err(WsError::Capacity(e))) => {
-                    hub.send(HubIn::Oversized { id, len: msg::MAX_MESSAGE + 1 }).await?;
+                    // The rest of the message is not read: close at once with 1009 (the hub
+                    // counts it; its own error and close cannot follow on this stream).
                     tracing::debug!(error = %e, "oversized signaling message");
+                    hub.send(HubIn::Oversized { id, len: msg::MAX_MESSAGE + 1 }).await?;
+                    let reason = format!("message too large (limit {} bytes)", msg::MAX_MESSAGE);
+                    let frame = CloseFrame { code: CloseCode::from(1009), reason: reason.into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                    return Ok(());
                 }
                 Some(Err(e)) => return Err(e.into()),
             },

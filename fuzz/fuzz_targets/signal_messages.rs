@@ -1,0 +1,47 @@
+//! The signaling service's message parser and matchmaking core on hostile input: each line of
+//! the input is one client's message (the first byte picks the client), time moves on; the
+//! parser never panics, every refusal has a code, and the hub keeps its bounds.
+#![no_main]
+
+use broflake_signal::hub::{Action, Hub, HubConfig};
+use broflake_signal::msg;
+use libfuzzer_sys::fuzz_target;
+use std::net::IpAddr;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Err(e) = msg::parse(text) {
+            let _ = e.code().close_code();
+        }
+    }
+    let cfg = HubConfig { max_clients: 8, max_sessions: 4, max_candidates_per_side: 4, ..HubConfig::default() };
+    let mut hub = Hub::new(cfg, [1; 32]);
+    let mut ids = Vec::new();
+    let mut now = 0u64;
+    for line in data.split(|b| *b == b'\n') {
+        let Some((&who, rest)) = line.split_first() else { continue };
+        now += u64::from(who % 16) * 500;
+        hub.timeout(now);
+        let slot = usize::from(who) % 6;
+        while ids.len() <= slot {
+            match hub.connect(now, IpAddr::from([10, 0, 0, (ids.len() % 3) as u8])) {
+                Ok(id) => ids.push(id),
+                Err(_) => break,
+            }
+        }
+        let Some(&id) = ids.get(slot) else { continue };
+        match std::str::from_utf8(rest) {
+            Ok(_) if who % 7 == 0 => hub.disconnect(now, id),
+            Ok(t) => hub.message(now, id, t),
+            Err(_) => hub.binary(id),
+        }
+        while let Some(a) = hub.poll_action() {
+            if let Action::Close(_, code, reason) = a {
+                assert!(reason.len() <= 123, "close reason fits a control frame");
+                assert!(code >= 1000);
+            }
+        }
+        assert!(hub.sessions() <= 4);
+        assert!(hub.clients() <= 8);
+    }
+});
