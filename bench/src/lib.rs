@@ -4,3 +4,4 @@
 
 pub mod loadgen;
 pub mod procfs;
+pub mod webrtc;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod demo;
 mod deploy;
 mod ebpf;
 mod setup;
@@ -43,6 +44,9 @@ enum Cmd {
         /// Only these rows, comma-separated (the floor row always runs).
         #[arg(long)]
         rows: Option<String>,
+        /// Only the WebRTC hop and signaling measurements.
+        #[arg(long)]
+        webrtc: bool,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -71,6 +75,9 @@ enum Cmd {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// The whole path on loopback: egress, signaling service, a volunteer and a consumer that
+    /// reaches it over WebRTC; prints the curl line that works through them.
+    Demo,
     /// Build and run the egress with its embedded defaults (extra arguments go to the egress).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -90,7 +97,8 @@ fn main() -> Result<()> {
             fuzz(seconds, &targets)
         }
         Cmd::Run { args } => run(&args),
-        Cmd::Bench { full, rows } => bench(full, rows),
+        Cmd::Demo => demo::run(),
+        Cmd::Bench { full, rows, webrtc } => bench(full, rows, webrtc),
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
             match (root, host) {
@@ -208,8 +216,8 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(full: bool, rows: Option<String>) -> Result<()> {
-    setup::apt(&[("curl", "curl")])?;
+fn bench(full: bool, rows: Option<String>, webrtc: bool) -> Result<()> {
+    setup::apt(&[("curl", "curl"), ("turnserver", "coturn")])?;
     // The uring+xdp row needs the XDP program embedded in the egress.
     ebpf::ensure_toolchain()?;
     ebpf::build()?;
@@ -221,14 +229,16 @@ fn bench(full: bool, rows: Option<String>) -> Result<()> {
         "-p",
         "broflake-client",
         "-p",
+        "broflake-signal",
+        "-p",
         "bench",
         "--bins",
     ]))?;
-    let mut args: Vec<String> = vec!["target/release/bench".into(), "run".into()];
+    let mut args: Vec<String> = vec!["target/release/bench".into(), if webrtc { "webrtc" } else { "run" }.into()];
     if full {
         args.push("--full".into());
     }
-    if let Some(rows) = rows {
+    if let (Some(rows), false) = (rows, webrtc) {
         args.extend(["--rows".into(), rows]);
     }
     // In a network namespace of its own: the XDP row attaches to that namespace's loopback,
@@ -249,7 +259,7 @@ fn bench(full: bool, rows: Option<String>) -> Result<()> {
 
 /// The release binaries with the XDP object embedded. `build` and `run` build exactly this
 /// set, so the same features are unified and one never recompiles what the other built.
-fn build_release() -> Result<()> {
+pub(crate) fn build_release() -> Result<()> {
     ebpf::ensure_toolchain()?;
     ebpf::build()?;
     sh(cargo().args(["build", "--release", "--bins"]))

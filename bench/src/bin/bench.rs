@@ -39,11 +39,30 @@ enum Cmd {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// Only the WebRTC hop and signaling measurements (also part of `run`).
+    Webrtc {
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin: PathBuf,
+        #[arg(long)]
+        full: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
+        Cmd::Webrtc { out, bin, full } => {
+            std::fs::create_dir_all(&out)?;
+            let r = webrtc_section(&bin, full)?;
+            std::fs::write(out.join("webrtc.json"), serde_json::to_string_pretty(&r)?)?;
+            print!(
+                "{}",
+                webrtc_markdown(&r, if full { "cargo xtask bench --full" } else { "cargo xtask bench --webrtc" })
+            );
+            Ok(())
+        }
         Cmd::Run { full, out, bin, rows } => {
             if let Some(bad) = rows.iter().find(|r| !ROWS.iter().any(|x| x.name == r.as_str())) {
                 let names: Vec<&str> = ROWS.iter().map(|x| x.name).collect();
@@ -130,6 +149,7 @@ struct Results {
     window_secs: u64,
     rows: Vec<RowResult>,
     tunnel: Option<Tunnel>,
+    webrtc: Option<bench::webrtc::WebrtcResults>,
     command: String,
 }
 
@@ -451,6 +471,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
         }
     }
     let tunnel = tunnel(bin, full).map_err(|e| eprintln!("tunnel: {e:#}")).ok();
+    let webrtc = webrtc_section(bin, full).map_err(|e| eprintln!("webrtc: {e:#}")).ok();
     let uname = Command::new("uname")
         .arg("-r")
         .output()
@@ -473,6 +494,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
         window_secs: window,
         rows: results,
         tunnel,
+        webrtc,
         command: if full { "cargo xtask bench --full".into() } else { "cargo xtask bench".into() },
     };
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&res)?)?;
@@ -551,6 +573,9 @@ fn markdown(r: &Results) -> String {
             s.push_str(&format!(" {:.1} |", p.idle_wakeups_per_sec));
         }
         s.push('\n');
+    }
+    if let Some(w) = &r.webrtc {
+        s += &webrtc_markdown(w, &r.command);
     }
     if let Some(t) = &r.tunnel {
         s.push_str(&format!(
@@ -739,6 +764,26 @@ fn tunnel(bin: &Path, full: bool) -> Result<Tunnel> {
     }
     let tunnel_secs = tunnel_secs?;
     Ok(Tunnel { bytes, plain_secs, tunnel_secs, ratio: plain_secs / tunnel_secs })
+}
+
+/// Consumers timed per path and volunteers in the matching measurement.
+fn webrtc_section(bin: &Path, full: bool) -> Result<bench::webrtc::WebrtcResults> {
+    let (consumers, volunteers) = if full { (200, 2000) } else { (100, 1000) };
+    bench::webrtc::run(bin, consumers, volunteers)
+}
+
+fn webrtc_markdown(w: &bench::webrtc::WebrtcResults, command: &str) -> String {
+    let row = |name: &str, l: &bench::webrtc::Latency| {
+        format!("| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} |\n", l.n, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms)
+    };
+    let mut s = String::from("\nWebRTC hop: cold consumer start → first byte through the tunnel (signaling, ICE, DTLS, SCTP, Broflake handshake, QUIC, proxy request), ms:\n\n| path | consumers | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|\n");
+    s += &row("direct (host candidates)", &w.ttfb_direct);
+    s += &row("through TURN (relay-only consumers)", &w.ttfb_turn);
+    s += &format!(
+        "\nSignaling: {:.0} matches/s with {} volunteers and {} consumers (one replica, clients on the same machine); {:.0} bytes of service RSS per waiting volunteer.\n\nCommand: `{command}`.\n",
+        w.matches_per_sec, w.volunteers, w.volunteers, w.signal_bytes_per_volunteer
+    );
+    s
 }
 
 fn wait_line(child: &mut Child, needle: &str) -> Result<()> {
