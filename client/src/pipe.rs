@@ -1,6 +1,6 @@
 //! What a Broflake session runs over: a WebSocket, or a WebRTC DataChannel pair (the hop
 //! between a consumer and a volunteer). Both carry the same messages; the DataChannel pair
-//! puts messages of only DATA frames on its unreliable channel (docs/PROTOCOL.md §12.3).
+//! puts messages of only DATA frames on its unreliable channel (docs/PROTOCOL.md §17).
 
 use crate::transport::BoxStream;
 use bytes::Bytes;

@@ -507,7 +507,10 @@ pub(crate) async fn serve_downstream(
                 let bytes = match msg {
                     PipeEvent::Message(b) => b,
                     PipeEvent::Closed { .. } => return Ok(()),
-                    PipeEvent::Text => continue,
+                    PipeEvent::Text => {
+                        pipe.close(1003, "text messages are not allowed".into()).await;
+                        return Ok(());
+                    }
                 };
                 let mut events = Vec::new();
                 let r = session.handle_message(&cfg, now(), &bytes, &mut tx, |s, ev, tx| {

@@ -92,7 +92,8 @@ pub async fn connect(src: &SignalSource) -> Result<Link> {
     // The service can forget the session now.
     signal.done().await;
     if let Some(p) = pipe.path() {
-        tracing::info!(path = %p, "connected to a volunteer over WebRTC");
+        tracing::info!(relayed = p.relayed(), "connected to a volunteer over WebRTC");
+        tracing::debug!(path = %p, "WebRTC path");
     }
     Ok(Link::over(Pipe::Rtc(pipe), src.link.clone()).await?)
 }

@@ -1,6 +1,6 @@
 //! The volunteer role of a relay: registered with a signaling service, it answers consumers'
 //! WebRTC offers and serves each consumer's DataChannel pair with the same server session
-//! and route table as a WebSocket downstream peer (docs/SIGNALING.md, PROTOCOL.md §12).
+//! and route table as a WebSocket downstream peer (docs/SIGNALING.md, PROTOCOL.md §17).
 
 use crate::pipe::Pipe;
 use crate::relay::{serve_downstream, Ev, RelayStats, DOWN_IDS};
@@ -186,8 +186,9 @@ impl Session {
                     Err(e) => tracing::warn!(%session, error = %e, "consumer did not connect"),
                     Ok(pipe) => {
                         self.handle.done(session).await;
-                        let path = pipe.path();
-                        tracing::info!(%session, path = ?path.map(|p| p.to_string()), "consumer connected over WebRTC");
+                        let relayed = pipe.path().is_some_and(|p| p.relayed());
+                        tracing::info!(%session, relayed, "consumer connected over WebRTC");
+                        tracing::debug!(%session, path = ?pipe.path().map(|p| p.to_string()), "WebRTC path");
                         let down = DOWN_IDS.fetch_add(1, Ordering::Relaxed);
                         self.stats.downstream_links.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) =

@@ -26,8 +26,10 @@ use turn_client_proto::udp::TurnClientUdp;
 const DATA_BUFFER_LIMIT: usize = 512 * 1024;
 /// Messages from the peer waiting for the pipe's reader.
 const INBOUND_QUEUE: usize = 4096;
-/// STUN Binding retransmission while gathering.
-const STUN_RETRY: Duration = Duration::from_millis(400);
+/// STUN retransmission while gathering (Binding here; Allocate in the TURN client). Short:
+/// a TURN server creates its per-client state on the first packet of a new 5-tuple and may
+/// drop one that arrives meanwhile (coturn does), and a consumer waits for gathering.
+const STUN_RETRY: Duration = Duration::from_millis(100);
 
 fn crypto() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -111,12 +113,15 @@ async fn gather(
         .collect();
     let mut turn = servers.iter().find_map(|s| match s {
         Server::Turn { addr, username, credential } => {
-            Some(TurnClientUdp::allocate(host, *addr, TurnConfig::new(TurnCredentials::new(username, credential))))
+            let mut cfg = TurnConfig::new(TurnCredentials::new(username, credential));
+            cfg.set_request_retransmits(STUN_RETRY, Duration::from_millis(1600), 6, Duration::from_millis(1600));
+            Some(TurnClientUdp::allocate(host, *addr, cfg))
         }
         _ => None,
     });
     let mut out = Gathered { srflx: None, turn: None };
-    let mut next_stun = tokio::time::Instant::now();
+    // After the Allocate (see STUN_RETRY): one new 5-tuple at a time for the server.
+    let mut next_stun = tokio::time::Instant::now() + Duration::from_millis(20);
     let mut buf = vec![0u8; 2048];
     loop {
         let t = now(base);
@@ -403,7 +408,8 @@ impl Driver {
         let p = SelectedPath { local, local_addr: source, remote, remote_addr: destination };
         let mut cur = self.path.lock().expect("poisoned");
         if *cur != Some(p) {
-            tracing::info!(path = %p, "WebRTC path selected");
+            // Addresses are sensitive (a consumer's is its user's): debug level only.
+            tracing::debug!(path = %p, "WebRTC path selected");
             *cur = Some(p);
         }
     }

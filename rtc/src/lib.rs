@@ -2,7 +2,7 @@
 //! server-reflexive via STUN, relayed via TURN), driven on one tokio UDP socket around
 //! `str0m` (sans-IO WebRTC) and `turn-client-proto` (sans-IO TURN).
 //!
-//! The hop carries the same Broflake messages as a WebSocket hop (docs/PROTOCOL.md §12):
+//! The hop carries the same Broflake messages as a WebSocket hop (docs/PROTOCOL.md §17):
 //! - channel 0 `broflake` (reliable, ordered, negotiated out of band): every message that
 //!   is not purely DATA (HELLO, WELCOME, PING, PONG, ROUTE_CLOSE, GOAWAY, ERROR…);
 //! - channel 1 `broflake-data` (unordered, no retransmissions, negotiated out of band):

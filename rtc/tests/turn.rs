@@ -51,11 +51,15 @@ async fn a_relay_only_peer_connects_through_turn() {
     let ice =
         vec![IceServer { urls: vec![format!("turn:127.0.0.1:{port}")], username: "u".into(), credential: "p".into() }];
     let relayed = RtcConfig { ice_servers: ice, relay_only: true, ..RtcConfig::default() };
+    let t = std::time::Instant::now();
     let a = Peer::offer(&relayed).await.unwrap();
+    eprintln!("offer with TURN gathered in {:?}", t.elapsed());
     assert!(a.candidates.iter().all(|c| c.contains("typ relay")), "{:?}", a.candidates);
     let b = Peer::answer(&RtcConfig::default(), &a.sdp).await.unwrap();
     a.set_answer(&b.sdp).await.unwrap();
+    let t = std::time::Instant::now();
     let (pa, pb) = tokio::join!(a.connected(Duration::from_secs(15)), b.connected(Duration::from_secs(15)));
+    eprintln!("connected through TURN in {:?}", t.elapsed());
     let (pa, mut pb) = (pa.unwrap(), pb.unwrap());
     let path = pa.path().unwrap();
     assert_eq!(path.local, CandidateKind::Relay, "{path}");

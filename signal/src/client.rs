@@ -300,6 +300,8 @@ async fn volunteer_task(
                         Err(_) => continue,
                     },
                     Ok(Some(ServiceMsg::Goaway { retry_after_ms, .. })) => VolunteerEvent::Goaway { retry_after_ms },
+                    // Not fatal: a late answer or candidate for a session that is over.
+                    Ok(Some(ServiceMsg::Error { code: ErrorCode::UnknownSession, .. })) => continue,
                     Ok(Some(ServiceMsg::Error { code, reason })) => break format!("{}: {reason}", code.label()),
                     Ok(Some(_)) => continue,
                     Ok(None) => break "closed by the service".into(),
@@ -417,6 +419,7 @@ async fn consumer_task(mut ws: Ws, mut rx: mpsc::Receiver<Message>, events: mpsc
                         ConsumerEvent::Candidate(Candidate { candidate, mid })
                     }
                     Ok(Some(ServiceMsg::Cancel { reason, .. })) => ConsumerEvent::Cancel { reason },
+                    Ok(Some(ServiceMsg::Error { code: ErrorCode::UnknownSession, .. })) => continue,
                     Ok(Some(ServiceMsg::Error { code, reason })) => break format!("{}: {reason}", code.label()),
                     Ok(Some(_)) => continue,
                     Ok(None) => break "closed by the service".into(),

@@ -198,8 +198,10 @@ impl Config {
         if l.max_clients == 0 || l.max_clients_per_ip == 0 || l.max_sessions == 0 || l.send_queue == 0 {
             bail!("limits: max_clients, max_clients_per_ip, max_sessions and send_queue must be at least 1");
         }
-        if l.max_attempts == 0 {
-            bail!("limits.max_attempts must be at least 1");
+        if l.max_attempts == 0 || l.max_slots_per_volunteer == 0 || l.consumer_burst == 0 || l.consumer_per_sec == 0 {
+            bail!(
+                "limits: max_attempts, max_slots_per_volunteer, consumer_burst and consumer_per_sec must be at least 1"
+            );
         }
         if self.store.kind != "memory" {
             bail!("store.kind must be \"memory\" (got {:?})", self.store.kind);
@@ -211,6 +213,9 @@ impl Config {
             for u in &s.urls {
                 if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
                     bail!("ice_servers: {u:?} is not a stun:, turn: or turns: URL");
+                }
+                if u.starts_with("turns:") {
+                    tracing::warn!(url = %u, "turns: URLs are handed out, but the native clients use UDP TURN only");
                 }
                 if u.starts_with("turn") && (s.username.is_empty() || s.credential.is_empty()) {
                     bail!("ice_servers: {u:?} needs a username and a credential");

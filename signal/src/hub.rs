@@ -33,7 +33,7 @@ pub struct HubConfig {
     /// Consumer requests per IP: burst, then this many per second.
     pub consumer_burst: u32,
     pub consumer_per_sec: u32,
-    /// STUN/TURN servers handed to clients in `registered` and `matched`.
+    /// STUN/TURN servers handed to every client in `hello`.
     pub ice_servers: Vec<msg::IceServer>,
 }
 
@@ -45,7 +45,8 @@ impl Default for HubConfig {
             max_slots_per_volunteer: 64,
             max_sessions: 50_000,
             max_candidates_per_side: 64,
-            hello_timeout: 5_000,
+            // Covers a consumer's gathering (STUN, TURN: up to 3 s) before its first message.
+            hello_timeout: 10_000,
             ping_interval: 20_000,
             idle_timeout: 60_000,
             answer_timeout: 10_000,
@@ -245,9 +246,13 @@ impl Hub {
     /// The client's connection is gone (closed by either side, or too slow).
     pub fn disconnect(&mut self, now: u64, id: ClientId) {
         let Some(c) = self.clients.remove(&id) else { return };
+        let (burst, rate) = (f64::from(self.cfg.consumer_burst), f64::from(self.cfg.consumer_per_sec));
         if let Some(st) = self.ips.get_mut(&c.ip) {
             st.clients -= 1;
-            if st.clients == 0 && st.tokens >= f64::from(self.cfg.consumer_burst) {
+            // Forget the address once nothing is connected from it and its bucket would be
+            // full again by now (no state kept for addresses that come and go).
+            let refilled = st.tokens + now.saturating_sub(st.refilled) as f64 / 1000.0 * rate;
+            if st.clients == 0 && refilled >= burst {
                 self.ips.remove(&c.ip);
             }
         }
@@ -325,6 +330,7 @@ impl Hub {
                         self.sessions.get(&sid).is_some_and(|s| s.state == SessionState::Offered && s.answer_by <= now);
                     if late {
                         self.stats.answer_timeouts += 1;
+                        metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "answer_timeout").increment(1);
                         let v = self.sessions[&sid].volunteer;
                         self.send(v, Outgoing::Cancel { session: sid, reason: "answer too late".into() });
                         self.give_back_slot(v);
@@ -335,6 +341,7 @@ impl Hub {
                     if self.sessions.get(&sid).is_some_and(|s| s.expires <= now) {
                         let s = self.sessions.remove(&sid).expect("checked");
                         self.stats.sessions_expired += 1;
+                        metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "expired").increment(1);
                         if s.state == SessionState::Offered {
                             self.send(s.volunteer, Outgoing::Cancel { session: sid, reason: "session expired".into() });
                             self.give_back_slot(s.volunteer);
@@ -453,7 +460,14 @@ impl Hub {
                     );
                 };
                 if s.volunteer != id || s.state != SessionState::Offered {
-                    return self.fail(id, ErrorCode::Unexpected, "not your offer to answer");
+                    // Usually a race (the offer moved on after a timeout): not fatal.
+                    return self.send(
+                        id,
+                        Outgoing::Error {
+                            code: ErrorCode::UnknownSession,
+                            reason: "not an offer of yours (any more)".into(),
+                        },
+                    );
                 }
                 s.state = SessionState::Answered;
                 let consumer = s.consumer;
@@ -466,6 +480,7 @@ impl Hub {
                     self.sessions.get(&session).is_some_and(|s| s.volunteer == id && s.state == SessionState::Offered);
                 if ok {
                     self.stats.declines += 1;
+                    metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "declined").increment(1);
                     self.reoffer(now, session, "volunteer declined");
                 }
             }
@@ -475,6 +490,7 @@ impl Hub {
                 let to = if s.consumer == id {
                     if s.consumer_candidates.len() as u32 >= limit {
                         self.stats.candidates_dropped += 1;
+                        metrics::counter!(crate::metrics::CANDIDATES_DROPPED).increment(1);
                         return;
                     }
                     s.consumer_candidates.push(candidate.clone());
@@ -482,12 +498,14 @@ impl Hub {
                 } else if s.volunteer == id {
                     if s.volunteer_candidates >= limit {
                         self.stats.candidates_dropped += 1;
+                        metrics::counter!(crate::metrics::CANDIDATES_DROPPED).increment(1);
                         return;
                     }
                     s.volunteer_candidates += 1;
                     Some(s.consumer)
                 } else {
-                    return self.fail(id, ErrorCode::Unexpected, "not your session");
+                    // A volunteer's late candidates for an offer that moved on: dropped.
+                    return;
                 };
                 if let Some(to) = to {
                     self.send(to, Outgoing::Candidate { session, candidate });
@@ -527,6 +545,8 @@ impl Hub {
         }
         st.tokens -= 1.0;
         self.clients.get_mut(&id).expect("exists").role = Role::Consumer { session: None };
+        // A consumer connection that lingers without a session ends at the idle timeout.
+        self.timer(now + self.cfg.idle_timeout, Timer::Idle(id));
         if self.draining {
             return self.unavailable(id, "signaling service is draining");
         }

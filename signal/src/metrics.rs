@@ -12,6 +12,8 @@ pub const ERRORS: &str = "broflake_signal_errors_total";
 pub const MATCHES: &str = "broflake_signal_matches_total";
 pub const UNAVAILABLE: &str = "broflake_signal_unavailable_total";
 pub const DRAINING: &str = "broflake_signal_draining";
+pub const SESSION_ENDS: &str = "broflake_signal_session_ends_total";
+pub const CANDIDATES_DROPPED: &str = "broflake_signal_candidates_dropped_total";
 
 /// Help texts (once, when the recorder is installed).
 pub fn describe() {
@@ -24,7 +26,12 @@ pub fn describe() {
     describe_counter!(CONNECTIONS_REFUSED, "Connections refused before a WebSocket, by reason.");
     describe_counter!(MESSAGES_RECEIVED, "Messages received, by type.");
     describe_counter!(MESSAGES_SENT, "Messages sent, by type.");
-    describe_counter!(ERRORS, "Errors sent to clients (each followed by a close), by code.");
+    describe_counter!(ERRORS, "Errors sent to clients, by code (all but unknown_session end the connection).");
+    describe_counter!(
+        SESSION_ENDS,
+        "Offers that came to nothing with a volunteer, by reason (declined, answer_timeout, expired)."
+    );
+    describe_counter!(CANDIDATES_DROPPED, "ICE candidates over the per-session limit, dropped.");
     describe_counter!(MATCHES, "Consumers that got a volunteer's answer.");
     describe_counter!(UNAVAILABLE, "Consumers told that no volunteer is free.");
     describe_gauge!(DRAINING, "1 while the service drains.");

@@ -348,7 +348,10 @@ async fn serve_client(
                 Some(Err(e)) => return Err(e.into()),
             },
             o = out.recv() => match o {
-                Some(ToClient::Send(json)) => ws.send(Message::text(json)).await?,
+                // A client that does not read is dropped, not waited for.
+                Some(ToClient::Send(json)) => tokio::time::timeout(cfg.timeouts.idle, ws.send(Message::text(json)))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("client does not read: write timed out"))??,
                 Some(ToClient::Close(code, reason)) => {
                     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
                     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
