@@ -39,7 +39,9 @@ fn spawn(args: &[&str]) -> (testkit::Proc, String) {
     let state = testkit::temp_dir("binary-state");
     let mut child = testkit::Proc::spawn(
         egress()
-            .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--log", "info", "--state-dir"])
+            // Userspace liveness: a test never attaches XDP to the host's interfaces.
+            .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--liveness", "userspace", "--log", "info"])
+            .arg("--state-dir")
             .arg(&state)
             .args(args)
             .stdout(Stdio::piped())

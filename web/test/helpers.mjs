@@ -60,11 +60,14 @@ export function waitForLine(stream, re, ms, what, proc) {
 }
 
 /** Starts the real egress on a free port. `config` is TOML text (optional). */
-export async function startEgress({ config } = {}) {
+export async function startEgress({ config, admin = false } = {}) {
   if (!fs.existsSync(EGRESS_BIN)) throw new Error(`egress binary not found at ${EGRESS_BIN} (set EGRESS_BIN)`);
   const dir = tmpDir('egress-');
-  // No admin listener: tests run egresses side by side (its default port is fixed).
-  const args = ['--ws', '127.0.0.1:0', '--no-wss', '--admin', 'off', '--allow', '127.0.0.0/8', '--state-dir', path.join(dir, 'state')];
+  // The admin listener on a free port when asked for, else none: tests run egresses side by
+  // side and its default port is fixed.
+  // Userspace liveness: with none configured, the egress would attach XDP to the host's
+  // loopback, and tests stay off the host's interfaces.
+  const args = ['--ws', '127.0.0.1:0', '--no-wss', '--admin', admin ? '127.0.0.1:0' : 'off', '--liveness', 'userspace', '--allow', '127.0.0.0/8', '--state-dir', path.join(dir, 'state')];
   // The tokio backend unless EGRESS_BACKEND says otherwise ("auto", "uring"): these tests
   // are about the relay, not the egress's I/O backend.
   if (EGRESS_BACKEND) args.push('--backend', EGRESS_BACKEND);
@@ -78,13 +81,15 @@ export async function startEgress({ config } = {}) {
     log.push(d.toString().replace(ANSI, ''));
     if (log.length > 2000) log.splice(0, 1000);
   });
-  const [certMatch, listenMatch] = await Promise.all([
+  const [certMatch, listenMatch, adminMatch] = await Promise.all([
     waitForLine(proc.stdout, /certificate sha256 ([0-9a-f]{64})/, 20000, 'egress', proc),
     waitForLine(proc.stderr, /listening on ws:\/\/127\.0\.0\.1:([0-9]+)/, 20000, 'egress', proc),
+    admin ? waitForLine(proc.stdout, /status page\s+(http:\/\/127\.0\.0\.1:[0-9]+)\//, 20000, 'egress', proc) : null,
   ]);
   const port = Number(listenMatch[1]);
   return {
     port,
+    adminUrl: adminMatch?.[1],
     url: `ws://127.0.0.1:${port}/broflake`,
     certSha256: certMatch[1],
     proc,
