@@ -341,7 +341,9 @@ impl Hub {
                     if self.sessions.get(&sid).is_some_and(|s| s.expires <= now) {
                         let s = self.sessions.remove(&sid).expect("checked");
                         self.stats.sessions_expired += 1;
-                        metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "expired").increment(1);
+                        if s.state == SessionState::Offered {
+                            metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "expired").increment(1);
+                        }
                         if s.state == SessionState::Offered {
                             self.send(s.volunteer, Outgoing::Cancel { session: sid, reason: "session expired".into() });
                             self.give_back_slot(s.volunteer);
@@ -515,7 +517,7 @@ impl Hub {
                 let mine = self.sessions.get(&session).is_some_and(|s| s.consumer == id || s.volunteer == id);
                 if mine {
                     let s = self.sessions.remove(&session).expect("checked");
-                    if s.state == SessionState::Offered {
+                    if s.state == SessionState::Offered && s.consumer == id {
                         self.send(s.volunteer, Outgoing::Cancel { session, reason: "consumer gave up".into() });
                         self.give_back_slot(s.volunteer);
                     }
@@ -523,9 +525,8 @@ impl Hub {
                     {
                         *cs = None;
                     }
-                    if s.consumer == id {
-                        self.close(id, 1000, "done".into());
-                    }
+                    // The consumer's signaling is over, whoever said done first.
+                    self.close(s.consumer, 1000, "done".into());
                 }
             }
         }

@@ -380,3 +380,19 @@ fn slots_are_shared_round_robin_and_given_back() {
     let a = t.actions();
     assert_eq!(offered_to(&a, matched(&a, c)), v2);
 }
+
+#[test]
+fn done_from_the_volunteer_ends_the_consumers_signaling_too() {
+    let mut t = T::new();
+    let v = t.volunteer(1, 1);
+    let c = t.consumer(2);
+    let s = matched(&t.actions(), c);
+    t.say(v, &format!(r#"{{"type":"answer","session":"{s}","sdp":"{SDP}"}}"#));
+    t.actions();
+    t.say(v, &format!(r#"{{"type":"done","session":"{s}"}}"#));
+    let a = t.actions();
+    assert_eq!(closed(&a, c), Some(1000), "{a:?}");
+    assert_eq!(closed(&a, v), None, "the volunteer stays registered");
+    assert!(!a.iter().any(|x| matches!(x, Action::Send(id, Outgoing::Cancel { .. }) if *id == v)), "{a:?}");
+    assert_eq!(t.hub.sessions(), 0);
+}
