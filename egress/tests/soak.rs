@@ -40,7 +40,7 @@ impl EgressProc {
         .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_egress"))
             .args(["--log", &std::env::var("SOAK_EGRESS_LOG").unwrap_or_else(|_| "info".into())])
-            .args(["--ws", &format!("127.0.0.1:{port}"), "--no-wss", "--admin", "off", "--config"])
+            .args(["--ws", &format!("127.0.0.1:{port}"), "--no-wss", "--config"])
             .arg(&cfg)
             .arg("--state-dir")
             .arg(state)
