@@ -239,7 +239,19 @@ pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
     let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(&cargo);
-    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
+    // `--workspace`: features unified as in `cargo build --workspace --bins` (what `cargo
+    // xtask test` builds first), so this is a no-op there and never rebuilds dependencies
+    // with another feature set. `package` names where the binary lives, for the message.
+    cmd.args(["build", "--quiet", "--workspace", "--bin", name]);
+    // Not the test's own CARGO_MANIFEST_DIR, OUT_DIR, CARGO_PKG_* and friends: some build scripts
+    // track them, and seeing other values than a plain `cargo build` would rebuild half the
+    // dependency tree, twice per run.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if (k.starts_with("CARGO_") && !matches!(k.as_ref(), "CARGO_HOME" | "CARGO_TARGET_DIR")) || k == "OUT_DIR" {
+            cmd.env_remove(k.as_ref());
+        }
+    }
     if profile == "release" {
         cmd.arg("--release");
     }
