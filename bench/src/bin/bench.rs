@@ -722,9 +722,12 @@ fn tunnel(bin: &Path, full: bool) -> Result<Tunnel> {
         .stderr(Stdio::piped())
         .spawn()?;
     let addr = wait_listening(&mut egress)?;
-    let mut fp = String::new();
-    BufReader::new(egress.stdout.as_mut().context("stdout")?).read_line(&mut fp)?;
-    let fp = fp.trim().rsplit(' ').next().unwrap_or("").to_string();
+    // The start-up summary comes first; the certificate line ends it.
+    let fp = BufReader::new(egress.stdout.as_mut().context("stdout")?)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("certificate sha256 ").map(str::to_owned))
+        .context("the egress did not print its certificate")?;
     let relay_port = addr.port() + 1000;
     let mut relay = Command::new(bin.join("broflake"))
         .args([
