@@ -408,7 +408,9 @@ async fn soak_churn_kills_and_a_restart_lose_nothing_and_leak_nothing() {
     }
     let (b_fds, b_rss) = (b.fds(), b.rss());
     eprintln!("egress B after the load: {b_fds} fds (A's idle baseline {a_fds}), RSS {b_rss} (A's {a_rss})");
-    assert_eq!(b_fds, a_fds, "file descriptors back to the idle baseline");
+    // At most the baseline: the status sampler opens /proc files for a moment every 2 s, so
+    // either count may include one transient descriptor.
+    assert!(b_fds <= a_fds + 1, "file descriptors back to the idle baseline: {b_fds} vs {a_fds}");
     assert!(b_rss < a_rss + (24 << 20), "RSS {b_rss} vs an idle baseline of {a_rss}");
     let routes = b.metric("broflake_routes", &[]).await;
     assert_eq!(routes, 0.0, "routes left over");
