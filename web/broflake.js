@@ -21,3 +21,6 @@ export * from './src/emitter.js';
 export * from './src/link.js';
 export * from './src/pool.js';
 export * from './src/downstream.js';
+export * from './src/channels.js';
+export * from './src/signal.js';
+export * from './src/volunteer.js';
