@@ -157,6 +157,7 @@ export async function launchBrowser() {
   return {
     browser,
     context,
+    pid: proc.pid,
     async newPage() {
       const existing = context.pages().find((p) => p.url() === 'about:blank' && !p.__used);
       const p = existing ?? (await context.newPage());
