@@ -152,14 +152,16 @@ fn test(fuzz_seconds: u64) -> Result<()> {
     sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // Tests start other packages' executables (loadgen, broflake, egress): build them all.
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The browser volunteer runs in Chromium in the cargo tests (client/tests/browser_volunteer.rs)
+    // as well as in web/'s own suites.
+    setup::apt(&[("chromium", "chromium")])?;
+    sh(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir("web"))?;
     sh(cargo().args(["test", "--workspace", "--all-targets"]))?;
     // Doc tests are not covered by --all-targets.
     sh(cargo().args(["test", "--workspace", "--doc"]))?;
     // Deployment material: unit, sysctl, rules (+ rule unit tests), dashboards, manifests.
     sh(Command::new("bash").arg("deploy/tests/check.sh").env("EGRESS_BIN", "target/debug/egress"))?;
     // The browser relay, in real Chromium, against the real egress and native consumer.
-    setup::apt(&[("chromium", "chromium")])?;
-    sh(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir("web"))?;
     sh(Command::new("node")
         .args(["--test", "test/"])
         .current_dir("web")
