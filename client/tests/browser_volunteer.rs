@@ -72,9 +72,27 @@ fn world(tag: &str, kind: NatKind, egress_toml: &str, body: usize) -> Option<Wor
 
 /// The volunteer tab: Chromium behind NAT B, under remote control.
 struct Tab {
-    _proc: Proc,
-    stdin: ChildStdin,
+    proc: Proc,
+    stdin: Option<ChildStdin>,
     lines: Lines,
+    /// Chromium's process group (the script starts it in a group of its own).
+    chromium: i32,
+}
+
+impl Drop for Tab {
+    /// Closing stdin lets the script close Chromium; whatever is left then is killed, also when
+    /// a test failed.
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end && self.proc.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.chromium > 1 {
+            let group = format!("-{}", self.chromium);
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        }
+    }
 }
 
 impl Tab {
@@ -93,12 +111,14 @@ impl Tab {
         let stdin = p.stdin.take().expect("piped");
         let ready = lines.wait("{\"", Duration::from_secs(60));
         assert!(ready.starts_with("{\"ready\""), "the volunteer tab did not start: {ready}");
-        Tab { _proc: p, stdin, lines }
+        let v: Value = serde_json::from_str(&ready).expect("JSON from the tab");
+        let chromium = v["ready"]["chromium_pgid"].as_i64().expect("Chromium's process group") as i32;
+        Tab { proc: p, stdin: Some(stdin), lines, chromium }
     }
 
     /// Sends one command and returns its answer (the first line with `key`).
     fn cmd(&mut self, cmd: &str, key: &str) -> Value {
-        writeln!(self.stdin, "{cmd}").expect("the tab's stdin");
+        writeln!(self.stdin.as_mut().expect("open"), "{cmd}").expect("the tab's stdin");
         let line = self.lines.wait(&format!("\"{key}\""), Duration::from_secs(30));
         let v: Value = serde_json::from_str(&line).expect("JSON from the tab");
         assert!(v.get("error").is_none(), "{cmd}: {line}");
@@ -148,7 +168,14 @@ fn download(tag: &str, kind: NatKind) -> Option<((String, String), (f64, f64))> 
     let line = via.wait("via webrtc", Duration::from_secs(40));
     let seen = tab.next_consumer();
     let t = Instant::now();
-    let (sha, n) = body_of(w.curl(None));
+    let curl = w.curl(None);
+    if std::env::var("BROWSER_PROFILE").is_ok() {
+        // Where the tab's JavaScript spends its time while it relays (for docs/BENCHMARKS.md).
+        std::thread::sleep(Duration::from_secs(3));
+        let p = tab.cmd(r#"{"cmd":"profile","ms":5000}"#, "profile");
+        eprintln!("{tag}: JavaScript profile of the tab over 5 s:\n{p:#}");
+    }
+    let (sha, n) = body_of(curl);
     let secs = t.elapsed().as_secs_f64();
     let by_path = bytes_by_path(&tab.cmd(r#"{"cmd":"pairs"}"#, "pairs"));
     eprintln!("{tag}: the tab's bytes over relayed pairs {:.0}, over direct ones {:.0}", by_path.0, by_path.1);

@@ -17,7 +17,7 @@
 // {"cmd":"hide"} / {"cmd":"show"} → {"visibility":"hidden"|"visible"} (another tab brought
 // to the front, the volunteer tab made a real background tab); {"cmd":"screenshot","path":P}
 // → {"screenshot":P}; {"cmd":"close"} → {"closed":true} (the tab closed as a user would).
-// Lines: {"ready":{…}} once registered; {"consumer":{session, path}} per connected consumer.
+// Lines: {"ready":{…, chromium_pgid}} once registered; {"consumer":{session, path}} per connected consumer.
 import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -88,7 +88,9 @@ try {
       report(40);
     }),
   );
-  out({ ready: { volunteer: await page.evaluate(() => window.broflakePage.volunteer.snapshot()), middlebox: mb ? mb.port : null } });
+  // Chromium runs in a process group of its own: whoever kills this script without letting
+  // it shut down (SIGKILL) must end that group too.
+  out({ ready: { volunteer: await page.evaluate(() => window.broflakePage.volunteer.snapshot()), middlebox: mb ? mb.port : null, chromium_pgid: browser.pid } });
 } catch (e) {
   out({ error: `the volunteer page did not start: ${e.message}` });
   await shutdown();
@@ -110,6 +112,26 @@ const snapshot = async () => {
 const commands = {
   snapshot: async () => ({ snapshot: await snapshot() }),
   pairs: async () => ({ pairs: await page.evaluate(() => window.broflakePage.volunteer.pairs()) }),
+  // A CPU profile of the page's JavaScript for `ms`: the functions with the most self time.
+  profile: async (c) => {
+    const cdp = await page.context().newCDPSession(page);
+    await cdp.send('Profiler.enable');
+    await cdp.send('Profiler.start');
+    await new Promise((r) => setTimeout(r, c.ms ?? 5000));
+    const { profile } = await cdp.send('Profiler.stop');
+    const byNode = new Map(profile.nodes.map((n) => [n.id, n]));
+    const self = new Map();
+    const dt = profile.timeDeltas;
+    profile.samples.forEach((id, i) => {
+      const f = byNode.get(id).callFrame;
+      const k = `${f.functionName || '(anonymous)'} ${f.url.split('/').pop()}:${f.lineNumber + 1}`;
+      self.set(k, (self.get(k) ?? 0) + (dt[i] ?? 0) / 1000);
+    });
+    const total = [...self.values()].reduce((a, b) => a + b, 0);
+    const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, 25).map(([k, ms]) => `${ms.toFixed(0).padStart(6)} ms ${k}`);
+    await cdp.detach();
+    return { profile: { totalMs: Math.round(total), top } };
+  },
   hide: async () => {
     front ??= await browser.newPage();
     await front.bringToFront();
