@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod listen;
 pub mod liveness;
+pub mod memory;
 pub mod metrics;
 pub mod netif;
 pub mod policy;

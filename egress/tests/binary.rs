@@ -104,3 +104,44 @@ async fn a_second_signal_exits_at_once() {
     assert!(status.success());
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+/// A field of /proc/PID/status or /proc/PID/smaps_rollup, as its first number.
+fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} not in {file}: {text}"));
+    line[key.len()..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The memory policy the binary ships with: transparent huge pages off for the process from its
+/// first allocation (none of its memory in huge pages), and back on where the configuration says
+/// "system". The start-up log says which.
+#[test]
+fn transparent_huge_pages_are_off_unless_configured() {
+    let start = |config: &str| {
+        let dir = testkit::temp_dir("thp");
+        let path = dir.join("egress.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = testkit::Proc::spawn(
+            egress()
+                .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--liveness", "userspace"])
+                .arg("--state-dir")
+                .arg(&dir)
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let (_, log) = testkit::wait_listening(&mut child);
+        let log = log.lock().unwrap().join("\n");
+        (child, log)
+    };
+    let (child, log) = start("");
+    assert_eq!(proc_field(child.id(), "status", "THP_enabled:"), 0, "THP disabled for the process");
+    assert_eq!(proc_field(child.id(), "smaps_rollup", "AnonHugePages:"), 0, "no huge page faulted in before main");
+    assert!(log.contains("transparent huge pages off for this process"), "{log}");
+    drop(child);
+
+    let (child, log) = start("[memory]\ntransparent_huge_pages = \"system\"\n");
+    assert_eq!(proc_field(child.id(), "status", "THP_enabled:"), 1, "THP as the system says");
+    assert!(log.contains("transparent huge pages as the system says"), "{log}");
+}
