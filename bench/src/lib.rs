@@ -4,4 +4,6 @@
 
 pub mod loadgen;
 pub mod procfs;
+pub mod quic_sink;
+pub mod tunnel;
 pub mod webrtc;

@@ -47,6 +47,9 @@ enum Cmd {
         /// Only the WebRTC hop and signaling measurements.
         #[arg(long)]
         webrtc: bool,
+        /// Only the tunnel's cost per byte (both backends, both directions, QUIC and AES anchors).
+        #[arg(long, conflicts_with = "webrtc")]
+        tunnel: bool,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -98,7 +101,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { full, rows, webrtc } => bench(full, rows, webrtc),
+        Cmd::Bench { full, rows, webrtc, tunnel } => bench(full, rows, webrtc, tunnel),
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
             match (root, host) {
@@ -275,7 +278,7 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(full: bool, rows: Option<String>, webrtc: bool) -> Result<()> {
+fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool) -> Result<()> {
     setup::apt(&[("curl", "curl"), ("turnserver", "coturn")])?;
     // The uring+xdp row needs the XDP program embedded in the egress.
     ebpf::ensure_toolchain()?;
@@ -293,11 +296,18 @@ fn bench(full: bool, rows: Option<String>, webrtc: bool) -> Result<()> {
         "bench",
         "--bins",
     ]))?;
-    let mut args: Vec<String> = vec!["target/release/bench".into(), if webrtc { "webrtc" } else { "run" }.into()];
+    let what = if webrtc {
+        "webrtc"
+    } else if tunnel {
+        "tunnel"
+    } else {
+        "run"
+    };
+    let mut args: Vec<String> = vec!["target/release/bench".into(), what.into()];
     if full {
         args.push("--full".into());
     }
-    if let (Some(rows), false) = (rows, webrtc) {
+    if let (Some(rows), "run") = (rows, what) {
         args.extend(["--rows".into(), rows]);
     }
     // In a network namespace of its own: the XDP row attaches to that namespace's loopback,

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use bench::procfs;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +39,17 @@ enum Cmd {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// Only the tunnel's cost per byte (also part of `run`).
+    Tunnel {
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin: PathBuf,
+        #[arg(long)]
+        full: bool,
+    },
+    /// The QUIC anchor's server (started by the tunnel measurement).
+    QuicSink,
     /// Only the WebRTC hop and signaling measurements (also part of `run`).
     Webrtc {
         #[arg(long, default_value = "target/bench")]
@@ -53,6 +64,15 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
+        Cmd::QuicSink => bench::quic_sink::serve(),
+        Cmd::Tunnel { out, bin, full } => {
+            std::fs::create_dir_all(&out)?;
+            let r = bench::tunnel::run(&bin, &std::env::current_exe()?, tunnel_bytes(full))?;
+            std::fs::write(out.join("tunnel.json"), serde_json::to_string_pretty(&r)?)?;
+            let command = if full { "cargo xtask bench --tunnel --full" } else { "cargo xtask bench --tunnel" };
+            print!("{}", bench::tunnel::markdown(&r, command));
+            Ok(())
+        }
         Cmd::Webrtc { out, bin, full } => {
             std::fs::create_dir_all(&out)?;
             let r = webrtc_section(&bin, full)?;
@@ -73,7 +93,19 @@ fn main() -> Result<()> {
     }
 }
 
+/// Bytes per tunnel transfer: enough CPU ticks (10 ms) per row to read the cost per GiB.
+fn tunnel_bytes(full: bool) -> u64 {
+    if full {
+        1 << 30
+    } else {
+        256 << 20
+    }
+}
+
 fn floor(listen: std::net::SocketAddr) -> Result<()> {
+    // The least a server can hold: 4 KiB pages, as the egress runs by default.
+    // SAFETY: prctl with integer arguments changes only this process's THP flag.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let l = std::net::TcpListener::bind(listen)?;
     eprintln!("listening on ws://{}", l.local_addr()?);
     let mut held = Vec::new();
@@ -90,14 +122,24 @@ struct Row {
     backend: Option<&'static str>,
     liveness: &'static str,
     server_ping: bool,
+    /// More egress configuration (TOML sections), as an operator would write it.
+    config: &'static str,
 }
 
-const ROWS: [Row; 5] = [
-    Row { name: "floor", backend: None, liveness: "", server_ping: false },
-    Row { name: "uring+xdp", backend: Some("uring"), liveness: "xdp", server_ping: false },
-    Row { name: "uring+userspace", backend: Some("uring"), liveness: "userspace", server_ping: false },
-    Row { name: "tokio+userspace", backend: Some("tokio"), liveness: "userspace", server_ping: false },
-    Row { name: "tokio+server-ping", backend: Some("tokio"), liveness: "server-ping", server_ping: true },
+const ROWS: [Row; 6] = [
+    Row { name: "floor", backend: None, liveness: "", server_ping: false, config: "" },
+    Row { name: "uring+xdp", backend: Some("uring"), liveness: "xdp", server_ping: false, config: "" },
+    // The same egress with the kernel's huge-page mode (what `transparent_huge_pages` costs).
+    Row {
+        name: "uring+xdp+thp",
+        backend: Some("uring"),
+        liveness: "xdp",
+        server_ping: false,
+        config: "[memory]\ntransparent_huge_pages = \"system\"\n",
+    },
+    Row { name: "uring+userspace", backend: Some("uring"), liveness: "userspace", server_ping: false, config: "" },
+    Row { name: "tokio+userspace", backend: Some("tokio"), liveness: "userspace", server_ping: false, config: "" },
+    Row { name: "tokio+server-ping", backend: Some("tokio"), liveness: "server-ping", server_ping: true, config: "" },
 ];
 
 #[derive(Debug, Default, Serialize, Clone)]
@@ -148,17 +190,9 @@ struct Results {
     ping_interval_ms: u64,
     window_secs: u64,
     rows: Vec<RowResult>,
-    tunnel: Option<Tunnel>,
+    tunnel: Option<bench::tunnel::TunnelResults>,
     webrtc: Option<bench::webrtc::WebrtcResults>,
     command: String,
-}
-
-#[derive(Serialize, Default)]
-struct Tunnel {
-    bytes: u64,
-    plain_secs: f64,
-    tunnel_secs: f64,
-    ratio: f64,
 }
 
 struct Server {
@@ -206,8 +240,8 @@ fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16
             std::fs::write(
                 &cfg,
                 format!(
-                    "[liveness]\nmode = \"{}\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"{idle_ms}ms\"\nsweep_interval = \"1s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"{backend}\"\nthreads = 2\n[limits]\nmax_connections_per_ip = 1000000\n",
-                    row.liveness
+                    "[liveness]\nmode = \"{}\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"{idle_ms}ms\"\nsweep_interval = \"1s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"{backend}\"\nthreads = 2\n[limits]\nmax_connections_per_ip = 1000000\n{}",
+                    row.liveness, row.config
                 ),
             )?;
             let mut c = Command::new(bin.join("egress"));
@@ -227,18 +261,8 @@ fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16
             c
         }
     };
-    // Return freed memory to the OS at once, so RSS deltas measure what connections hold,
-    // not what start-up (e.g. loading the XDP object) allocated and freed.
-    cmd.env("MIMALLOC_PURGE_DELAY", "0");
-    // Transparent huge pages would make RSS move in 2 MiB steps: measure in 4 KiB pages.
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and only affects the child about to exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-            Ok(())
-        });
-    }
+    // No environment, prctl or setting of its own: the egress runs as the systemd unit and the
+    // embedded defaults run it (transparent huge pages off is its own default).
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let addr = match wait_listening(&mut child) {
         Ok(a) => a,
@@ -470,7 +494,9 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
                 Some(p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
         }
     }
-    let tunnel = tunnel(bin, full).map_err(|e| eprintln!("tunnel: {e:#}")).ok();
+    let tunnel = bench::tunnel::run(bin, &std::env::current_exe()?, tunnel_bytes(full))
+        .map_err(|e| eprintln!("tunnel: {e:#}"))
+        .ok();
     let webrtc = webrtc_section(bin, full).map_err(|e| eprintln!("webrtc: {e:#}")).ok();
     let uname = Command::new("uname")
         .arg("-r")
@@ -578,13 +604,7 @@ fn markdown(r: &Results) -> String {
         s += &webrtc_markdown(w, &r.command);
     }
     if let Some(t) = &r.tunnel {
-        s.push_str(&format!(
-            "\nTunnel: {} MiB via consumer → relay → egress → local server in {:.2} s; plain TCP copy of the same bytes in {:.2} s; throughput ratio {:.3}.\n",
-            t.bytes >> 20,
-            t.tunnel_secs,
-            t.plain_secs,
-            t.ratio
-        ));
+        s += &bench::tunnel::markdown(t, &r.command);
     }
     s
 }
@@ -661,114 +681,6 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Bulk transfer through consumer → relay → egress vs. a plain TCP copy, same bytes.
-fn tunnel(bin: &Path, full: bool) -> Result<Tunnel> {
-    let bytes: u64 = if full { 256 << 20 } else { 64 << 20 };
-    // A local HTTP server with a fixed body.
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let http = l.local_addr()?;
-    std::thread::spawn(move || {
-        let body = vec![0x5au8; 1 << 20];
-        for s in l.incoming().flatten() {
-            let body = body.clone();
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut req = [0u8; 2048];
-                let _ = s.read(&mut req);
-                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\nConnection: close\r\n\r\n");
-                let mut left = bytes;
-                while left > 0 {
-                    let n = left.min(body.len() as u64) as usize;
-                    if s.write_all(&body[..n]).is_err() {
-                        return;
-                    }
-                    left -= n as u64;
-                }
-            });
-        }
-    });
-    let curl = |proxy: Option<String>| -> Result<f64> {
-        let mut c = Command::new("curl");
-        c.args(["--silent", "--fail", "--output", "/dev/null", "--max-time", "300"]);
-        if let Some(p) = proxy {
-            c.args(["--proxy", &p]);
-        }
-        c.arg(format!("http://localhost:{}/", http.port()));
-        let t = Instant::now();
-        let st = c.status()?;
-        anyhow::ensure!(st.success(), "curl failed: {st}");
-        Ok(t.elapsed().as_secs_f64())
-    };
-    let plain_secs = curl(None)?;
-    let dir = std::env::temp_dir().join(format!("broflake-bench-tunnel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cfg = dir.join("egress.toml");
-    std::fs::write(&cfg, "[proxy]\nallow = [\"127.0.0.0/8\"]\n")?;
-    let mut egress = Command::new(bin.join("egress"))
-        .args([
-            "--ws",
-            "127.0.0.1:0",
-            "--no-wss",
-            "--admin",
-            "off",
-            "--log",
-            "warn,egress=info,broflake_egress=info",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let addr = wait_listening(&mut egress)?;
-    // The start-up summary comes first; the certificate line ends it.
-    let fp = BufReader::new(egress.stdout.as_mut().context("stdout")?)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("certificate sha256 ").map(str::to_owned))
-        .context("the egress did not print its certificate")?;
-    let relay_port = addr.port() + 1000;
-    let mut relay = Command::new(bin.join("broflake"))
-        .args([
-            "--log",
-            "warn",
-            "relay",
-            "--upstream",
-            &format!("ws://{addr}/broflake"),
-            "--pool",
-            "1",
-            "--listen",
-            &format!("127.0.0.1:{relay_port}"),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_line(&mut relay, "relay listening")?;
-    let socks_port = relay_port + 1;
-    let mut consumer = Command::new(bin.join("broflake"))
-        .args([
-            "--log",
-            "warn",
-            "consumer",
-            "--relay",
-            &format!("ws://127.0.0.1:{relay_port}/broflake"),
-            "--egress-cert-sha256",
-            &fp,
-            "--socks",
-            &format!("127.0.0.1:{socks_port}"),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_line(&mut consumer, "socks5 listening")?;
-    let tunnel_secs = curl(Some(format!("socks5h://127.0.0.1:{socks_port}")));
-    for c in [&mut consumer, &mut relay, &mut egress] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let tunnel_secs = tunnel_secs?;
-    Ok(Tunnel { bytes, plain_secs, tunnel_secs, ratio: plain_secs / tunnel_secs })
-}
-
 /// Consumers timed per path and volunteers in the matching measurement.
 fn webrtc_section(bin: &Path, full: bool) -> Result<bench::webrtc::WebrtcResults> {
     let (consumers, volunteers) = if full { (200, 2000) } else { (100, 1000) };
@@ -787,20 +699,4 @@ fn webrtc_markdown(w: &bench::webrtc::WebrtcResults, command: &str) -> String {
         w.matches_per_sec, w.volunteers, w.volunteers, w.signal_bytes_per_volunteer
     );
     s
-}
-
-fn wait_line(child: &mut Child, needle: &str) -> Result<()> {
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut r = BufReader::new(stderr);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            bail!("process ended before saying {needle:?}");
-        }
-        if line.contains(needle) {
-            std::thread::spawn(move || for _ in r.lines() {});
-            return Ok(());
-        }
-    }
 }

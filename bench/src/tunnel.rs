@@ -1,0 +1,367 @@
+//! What a tunnelled byte costs: curl → consumer → relay → egress → a local HTTP server, both
+//! directions, both egress backends, with the egress's user and system CPU per GiB from /proc;
+//! next to two anchors measured in the same run: quinn over plain loopback UDP with the tunnel's
+//! QUIC settings (what QUIC itself costs here) and AES-128-GCM in this process (the crypto floor).
+
+use crate::procfs::{cpu_times, CpuTimes};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct TunnelResults {
+    pub bytes: u64,
+    /// curl straight to the local server (no proxy), seconds.
+    pub plain_download_secs: f64,
+    pub plain_upload_secs: f64,
+    pub rows: Vec<TunnelRow>,
+    pub quic_loopback: Vec<QuicAnchor>,
+    /// AES-128-GCM seal in this process, CPU seconds per GiB, in 16 KiB blocks.
+    pub aes_gcm_16k_sec_per_gib: f64,
+    /// The same in 1,350-byte packets (what a QUIC packet is here).
+    pub aes_gcm_1350_sec_per_gib: f64,
+}
+
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct TunnelRow {
+    pub backend: String,
+    pub direction: String,
+    pub secs: f64,
+    /// Throughput over a plain loopback copy of the same bytes (1.0 = as fast).
+    pub ratio_to_plain: f64,
+    pub egress_user_sec_per_gib: f64,
+    pub egress_system_sec_per_gib: f64,
+    pub relay_sec_per_gib: f64,
+    pub consumer_sec_per_gib: f64,
+}
+
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct QuicAnchor {
+    pub direction: String,
+    pub secs: f64,
+    pub server_user_sec_per_gib: f64,
+    pub server_system_sec_per_gib: f64,
+}
+
+/// Children killed when dropped (a failed measurement leaves nothing running).
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads `child`'s stderr until a line contains `needle`; returns that line.
+fn wait_stderr(child: &mut Child, needle: &str) -> Result<String> {
+    let stderr = child.stderr.take().context("stderr not piped")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let found = loop {
+        let line = lines.next().context("exited before saying it was ready")??;
+        if line.contains(needle) {
+            break line;
+        }
+    };
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(found)
+}
+
+/// A local HTTP/1.1 server: `GET` answers `bytes` bytes, `PUT` reads and discards its body.
+fn http_server(bytes: u64) -> Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || serve_one(s, bytes));
+        }
+    });
+    Ok(addr)
+}
+
+fn serve_one(mut s: std::net::TcpStream, bytes: u64) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut have = 0;
+    let head_end = loop {
+        match s.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => have += n,
+        }
+        if let Some(i) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if have == buf.len() {
+            return;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if head.starts_with("put ") {
+        let length: u64 = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut left = length.saturating_sub((have - head_end) as u64);
+        while left > 0 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n as u64),
+            }
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
+    // `GET /1`: one byte (a warm-up that opens the tunnel's QUIC connection).
+    let bytes = if head.starts_with("get /1 ") { 1 } else { bytes };
+    let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\nConnection: close\r\n\r\n");
+    buf.fill(0x5a);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        if s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+}
+
+/// One curl transfer, timed: a download to /dev/null or an upload of `upload` (a file).
+fn curl(http: std::net::SocketAddr, proxy: Option<&str>, upload: Option<&Path>) -> Result<f64> {
+    curl_path(http, proxy, upload, "/")
+}
+
+fn curl_path(http: std::net::SocketAddr, proxy: Option<&str>, upload: Option<&Path>, path: &str) -> Result<f64> {
+    let mut c = Command::new("curl");
+    c.args(["--silent", "--fail", "--output", "/dev/null", "--max-time", "600"]);
+    if let Some(p) = proxy {
+        c.args(["--proxy", p]);
+    }
+    if let Some(file) = upload {
+        // No "Expect: 100-continue" round trip before the body.
+        c.args(["-H", "Expect:", "--upload-file"]).arg(file);
+    }
+    c.arg(format!("http://localhost:{}{path}", http.port()));
+    let t = Instant::now();
+    let st = c.status().context("cannot run curl")?;
+    anyhow::ensure!(st.success(), "curl failed: {st}");
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn per_gib(cpu: f64, bytes: u64) -> f64 {
+    cpu * GIB / bytes as f64
+}
+
+/// Runs every measurement. `bin`: the release binaries; `bench`: this program (for the QUIC
+/// sink process).
+pub fn run(bin: &Path, bench: &Path, bytes: u64) -> Result<TunnelResults> {
+    let http = http_server(bytes)?;
+    let upload = std::env::temp_dir().join(format!("broflake-bench-upload-{}", std::process::id()));
+    // Sparse: reading it costs curl no disk I/O.
+    std::fs::File::create(&upload)?.set_len(bytes)?;
+    let _cleanup = RemoveOnDrop(upload.clone());
+    let mut r = TunnelResults {
+        bytes,
+        plain_download_secs: curl(http, None, None)?,
+        plain_upload_secs: curl(http, None, Some(&upload))?,
+        ..Default::default()
+    };
+    for backend in ["uring", "tokio"] {
+        r.rows.extend(through_tunnel(bin, backend, http, &upload, &r)?);
+    }
+    r.quic_loopback = quic_anchor(bench, bytes)?;
+    r.aes_gcm_16k_sec_per_gib = aes_gcm_sec_per_gib(16 << 10);
+    r.aes_gcm_1350_sec_per_gib = aes_gcm_sec_per_gib(1350);
+    Ok(r)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn through_tunnel(
+    bin: &Path,
+    backend: &str,
+    http: std::net::SocketAddr,
+    upload: &Path,
+    plain: &TunnelResults,
+) -> Result<Vec<TunnelRow>> {
+    let dir = std::env::temp_dir().join(format!("broflake-bench-tunnel-{backend}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("egress.toml");
+    std::fs::write(&cfg, "[proxy]\nallow = [\"127.0.0.0/8\"]\n")?;
+    let mut procs = Procs(Vec::new());
+    let mut egress = Command::new(bin.join("egress"))
+        .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--backend", backend])
+        .args(["--log", "warn,egress=info,broflake_egress=info", "--config"])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let line = wait_stderr(&mut egress, "listening on ws://")?;
+    let addr: std::net::SocketAddr = line.rsplit("ws://").next().unwrap_or_default().trim().parse()?;
+    // The start-up summary comes first; the certificate line ends it.
+    let fp = BufReader::new(egress.stdout.take().context("stdout")?)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("certificate sha256 ").map(str::to_owned))
+        .context("the egress did not print its certificate")?;
+    let egress_pid = egress.id();
+    procs.0.push(egress);
+    let relay_port = addr.port() + 1000;
+    let mut relay = Command::new(bin.join("broflake"))
+        .args(["--log", "warn", "relay", "--upstream", &format!("ws://{addr}/broflake"), "--pool", "1"])
+        .args(["--listen", &format!("127.0.0.1:{relay_port}")])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_stderr(&mut relay, "relay listening")?;
+    let relay_pid = relay.id();
+    procs.0.push(relay);
+    let socks_port = relay_port + 1;
+    let mut consumer = Command::new(bin.join("broflake"))
+        .args(["--log", "warn", "consumer", "--relay", &format!("ws://127.0.0.1:{relay_port}/broflake")])
+        .args(["--egress-cert-sha256", &fp, "--socks", &format!("127.0.0.1:{socks_port}")])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_stderr(&mut consumer, "socks5 listening")?;
+    let consumer_pid = consumer.id();
+    procs.0.push(consumer);
+    let proxy = format!("socks5h://127.0.0.1:{socks_port}");
+    // A first small transfer opens the QUIC connection, so the rows measure bytes, not set-up.
+    curl_path(http, Some(&proxy), None, "/1")?;
+    let mut rows = Vec::new();
+    for (direction, file, plain_secs) in
+        [("download", None, plain.plain_download_secs), ("upload", Some(upload), plain.plain_upload_secs)]
+    {
+        let cpu = |pid| cpu_times(pid).unwrap_or_default();
+        let (e0, r0, c0) = (cpu(egress_pid), cpu(relay_pid), cpu(consumer_pid));
+        let secs = curl(http, Some(&proxy), file)?;
+        let (e, rl, c): (CpuTimes, CpuTimes, CpuTimes) =
+            (cpu(egress_pid) - e0, cpu(relay_pid) - r0, cpu(consumer_pid) - c0);
+        rows.push(TunnelRow {
+            backend: backend.into(),
+            direction: direction.into(),
+            secs,
+            ratio_to_plain: plain_secs / secs,
+            egress_user_sec_per_gib: per_gib(e.user, plain.bytes),
+            egress_system_sec_per_gib: per_gib(e.system, plain.bytes),
+            relay_sec_per_gib: per_gib(rl.total(), plain.bytes),
+            consumer_sec_per_gib: per_gib(c.total(), plain.bytes),
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+/// quinn over loopback UDP: the sink process is the server, measured like the egress.
+fn quic_anchor(bench: &Path, bytes: u64) -> Result<Vec<QuicAnchor>> {
+    let mut sink = Command::new(bench).arg("quic-sink").stderr(Stdio::piped()).spawn()?;
+    let line = wait_stderr(&mut sink, "quic sink listening on ")?;
+    let addr = crate::quic_sink::parse_listening(&line).context("quic sink address")?;
+    let pid = sink.id();
+    let _procs = Procs(vec![sink]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        let client = crate::quic_sink::client_endpoint()?;
+        let conn = client.connect(addr, "localhost")?.await?;
+        let mut out = Vec::new();
+        for direction in ["download", "upload"] {
+            let c0 = cpu_times(pid).unwrap_or_default();
+            let t = Instant::now();
+            crate::quic_sink::transfer(&conn, direction == "download", bytes).await?;
+            let secs = t.elapsed().as_secs_f64();
+            let c = cpu_times(pid).unwrap_or_default() - c0;
+            out.push(QuicAnchor {
+                direction: direction.into(),
+                secs,
+                server_user_sec_per_gib: per_gib(c.user, bytes),
+                server_system_sec_per_gib: per_gib(c.system, bytes),
+            });
+        }
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
+        anyhow::Ok(out)
+    })
+}
+
+/// CPU seconds per GiB to seal `block`-byte messages with AES-128-GCM (ring, as rustls uses).
+fn aes_gcm_sec_per_gib(block: usize) -> f64 {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).expect("16-byte key"));
+    let mut buf = vec![0x5au8; block];
+    let total: u64 = 1 << 30;
+    let start = thread_cpu();
+    let mut done = 0u64;
+    let mut counter = 0u64;
+    while done < total {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&counter.to_be_bytes());
+        counter += 1;
+        let tag = key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::empty(), &mut buf);
+        std::hint::black_box(tag.expect("seal").as_ref());
+        done += block as u64;
+    }
+    (thread_cpu() - start) * GIB / done as f64
+}
+
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The tunnel section of BENCHMARKS.md.
+pub fn markdown(r: &TunnelResults, command: &str) -> String {
+    let mib = r.bytes >> 20;
+    let mut s = format!(
+        "\nTunnel ({mib} MiB per transfer, curl → consumer → relay → egress → local HTTP server; `{command}`). \
+         CPU in seconds per GiB moved; plain loopback copy: download {:.2} s, upload {:.2} s.\n\n\
+         | backend | direction | time s | × plain copy | egress user | egress system | egress total | relay | consumer |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        r.plain_download_secs, r.plain_upload_secs
+    );
+    for t in &r.rows {
+        s += &format!(
+            "| {} | {} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            t.backend,
+            t.direction,
+            t.secs,
+            t.ratio_to_plain,
+            t.egress_user_sec_per_gib,
+            t.egress_system_sec_per_gib,
+            t.egress_user_sec_per_gib + t.egress_system_sec_per_gib,
+            t.relay_sec_per_gib,
+            t.consumer_sec_per_gib
+        );
+    }
+    s += "\nAnchors in the same run:\n\n| what | direction | time s | server user | server system | server total |\n|---|---|---|---|---|---|\n";
+    for q in &r.quic_loopback {
+        s += &format!(
+            "| quinn over loopback UDP, tunnel's QUIC settings | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            q.direction,
+            q.secs,
+            q.server_user_sec_per_gib,
+            q.server_system_sec_per_gib,
+            q.server_user_sec_per_gib + q.server_system_sec_per_gib
+        );
+    }
+    s += &format!(
+        "| AES-128-GCM seal (ring), 16 KiB blocks | — | — | {0:.2} | 0 | {0:.2} |\n| AES-128-GCM seal (ring), 1,350-byte packets | — | — | {1:.2} | 0 | {1:.2} |\n",
+        r.aes_gcm_16k_sec_per_gib, r.aes_gcm_1350_sec_per_gib
+    );
+    s
+}
