@@ -169,6 +169,11 @@ async fn serve(config: Config, memory: broflake_egress::memory::Applied) -> Resu
     let grace = config.drain.grace;
     let path = config.listen.path.clone();
     let egress = Egress::start(config).await?;
+    // Start-up freed several MB on this thread (the XDP object's ELF and the kernel's BTF, parsed
+    // by aya); mimalloc returns freed pages only when the freeing thread allocates again, and this
+    // one mostly waits from here on. Without this they stay resident for the process's life.
+    // SAFETY: mi_collect only walks this thread's heap and the abandoned segments.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     for a in &egress.ws_addrs {
         tracing::info!("listening on ws://{a}");
     }
