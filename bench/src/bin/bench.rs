@@ -145,7 +145,12 @@ const ROWS: [Row; 6] = [
 #[derive(Debug, Default, Serialize, Clone)]
 struct Point {
     n: usize,
+    /// RSS growth from the 200-connection warm-up to N, ÷ N. (Memory freed at start-up and kept
+    /// resident by the allocator would be reused by connections and hide their cost: the egress
+    /// returns it after start-up, and `rss_bytes` shows the whole.)
     user_bytes_per_conn: f64,
+    /// The server's RSS with N idle connections: what an operator sees.
+    rss_bytes: u64,
     pss_bytes_per_conn: f64,
     /// Slab bytes per connection, client and server sockets together.
     slab_bytes_per_conn: f64,
@@ -176,6 +181,8 @@ struct RowResult {
     reap_latest_close_ms: Option<u64>,
     reap_live_closed: Option<u64>,
     reap_deadline_ms: Option<u64>,
+    /// User-space bytes per connection at the largest N (RSS growth from the warm-up, ÷ N).
+    user_bytes_per_conn: Option<f64>,
     /// Server-side estimate: user + (slab − floor's client half), per connection, at the largest N.
     server_total_bytes_per_conn: Option<f64>,
 }
@@ -417,6 +424,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
             let p = Point {
                 n,
                 user_bytes_per_conn: per(rss0, rss1),
+                rss_bytes: rss1,
                 pss_bytes_per_conn: per(pss0, pss1),
                 slab_bytes_per_conn: per(slab_total(&slab0), slab_total(&slab1)),
                 handshakes_per_sec: ready.handshaked as f64 / ready.ready_secs.max(1e-3),
@@ -489,15 +497,23 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
     // Server-side totals at the largest N, from the floor's slab cost (client + server).
     let floor_slab = results[0].points.last().map(|p| p.slab_bytes_per_conn).unwrap_or(0.0);
     for r in &mut results {
-        if let Some(p) = r.points.last() {
-            r.server_total_bytes_per_conn =
-                Some(p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
+        r.user_bytes_per_conn = r.points.last().map(|p| p.user_bytes_per_conn);
+        if let (Some(p), Some(user)) = (r.points.last(), r.user_bytes_per_conn) {
+            r.server_total_bytes_per_conn = Some(user.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
         }
     }
-    let tunnel = bench::tunnel::run(bin, &std::env::current_exe()?, tunnel_bytes(full))
-        .map_err(|e| eprintln!("tunnel: {e:#}"))
-        .ok();
-    let webrtc = webrtc_section(bin, full).map_err(|e| eprintln!("webrtc: {e:#}")).ok();
+    // Chosen rows are a look at the connection figures alone (`--tunnel` and `--webrtc` run
+    // the other sections alone).
+    let (tunnel, webrtc) = if only.is_empty() {
+        (
+            bench::tunnel::run(bin, &std::env::current_exe()?, tunnel_bytes(full))
+                .map_err(|e| eprintln!("tunnel: {e:#}"))
+                .ok(),
+            webrtc_section(bin, full).map_err(|e| eprintln!("webrtc: {e:#}")).ok(),
+        )
+    } else {
+        (None, None)
+    };
     let uname = Command::new("uname")
         .arg("-r")
         .output()
@@ -544,10 +560,10 @@ fn markdown(r: &Results) -> String {
     let tokio_sp = r.rows.iter().find(|x| x.row == "tokio+server-ping");
     let (tokio_user, tokio_total) =
         (tokio_sp.and_then(|x| x.user_cpu_sec_per_1000_pings), tokio_sp.and_then(|x| x.cpu_sec_per_1000_pings));
-    s.push_str("| row | user B/conn | slab B/conn (client+server) | server total B/conn | × floor | handshakes/s | idle wakeups/s | user CPU ms per 1k PINGs | system CPU ms per 1k PINGs | user CPU × below tokio+server-ping | total CPU × below tokio+server-ping | RTT p50/p99 µs | idle reaping |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| row | user B/conn | RSS at largest N MB | slab B/conn (client+server) | server total B/conn | × floor | handshakes/s | idle wakeups/s | user CPU ms per 1k PINGs | system CPU ms per 1k PINGs | user CPU × below tokio+server-ping | total CPU × below tokio+server-ping | RTT p50/p99 µs | idle reaping |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for row in &r.rows {
         if let Some(why) = &row.skipped {
-            s.push_str(&format!("| {} | skipped: {} |||||||||||||\n", row.row, why.lines().next().unwrap_or("")));
+            s.push_str(&format!("| {} | skipped: {} ||||||||||||||\n", row.row, why.lines().next().unwrap_or("")));
             continue;
         }
         let p = row.points.last().cloned().unwrap_or_default();
@@ -565,9 +581,10 @@ fn markdown(r: &Results) -> String {
             _ => "n/a".into(),
         };
         s.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:.0} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             row.row,
-            p.user_bytes_per_conn,
+            fmt(row.user_bytes_per_conn, 0),
+            p.rss_bytes as f64 / 1e6,
             p.slab_bytes_per_conn,
             fmt(row.server_total_bytes_per_conn, 0),
             fmt(ratio, 2),
@@ -617,7 +634,7 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     let max_y = r
         .rows
         .iter()
-        .flat_map(|x| x.points.iter().map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn))
+        .flat_map(|x| x.points.iter().map(|p| x.user_bytes_per_conn.unwrap_or(0.0).max(0.0) + p.slab_bytes_per_conn))
         .fold(1.0, f64::max);
     let max_n = *r.ns.last().unwrap_or(&1) as f64;
     let mut chart = ChartBuilder::on(&root)
@@ -629,8 +646,8 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     chart.configure_mesh().x_desc("N connections").y_desc("bytes per connection").draw()?;
     for (i, row) in r.rows.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> =
-            row.points.iter().map(|p| (p.n as f64, p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).collect();
+        let user = row.user_bytes_per_conn.unwrap_or(0.0).max(0.0);
+        let pts: Vec<(f64, f64)> = row.points.iter().map(|p| (p.n as f64, user + p.slab_bytes_per_conn)).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(row.row.clone())
