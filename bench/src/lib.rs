@@ -7,3 +7,16 @@ pub mod procfs;
 pub mod quic_sink;
 pub mod tunnel;
 pub mod webrtc;
+
+/// Child processes killed when dropped, so a failed measurement leaves nothing running.
+#[derive(Debug)]
+pub struct Procs(pub Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! QUIC settings (what QUIC itself costs here) and AES-128-GCM in this process (the crypto floor).
 
 use crate::procfs::{cpu_times, CpuTimes};
+use crate::Procs;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -46,18 +47,6 @@ pub struct QuicAnchor {
     pub secs: f64,
     pub server_user_sec_per_gib: f64,
     pub server_system_sec_per_gib: f64,
-}
-
-/// Children killed when dropped (a failed measurement leaves nothing running).
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Reads `child`'s stderr until a line contains `needle`; returns that line.

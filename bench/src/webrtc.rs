@@ -9,6 +9,7 @@
 //! Everything runs on loopback in one network namespace; consumers and the synthetic
 //! volunteers of the matching measurement run in this process (the library the CLI uses).
 
+use crate::Procs;
 use anyhow::{bail, Context, Result};
 use broflake_client::consumer::ConsumerConfig;
 use broflake_client::link::TlsMode;
@@ -51,17 +52,6 @@ pub struct WebrtcResults {
     pub matches_per_sec: f64,
     /// Signaling service RSS growth per registered, waiting volunteer.
     pub signal_bytes_per_volunteer: f64,
-}
-
-/// Kills its processes when dropped.
-struct Procs(Vec<Child>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// The lines `child` wrote on stdout (or stderr) up to the first containing `needle` (the

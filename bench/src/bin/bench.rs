@@ -181,8 +181,6 @@ struct RowResult {
     reap_latest_close_ms: Option<u64>,
     reap_live_closed: Option<u64>,
     reap_deadline_ms: Option<u64>,
-    /// User-space bytes per connection at the largest N (RSS growth from the warm-up, ÷ N).
-    user_bytes_per_conn: Option<f64>,
     /// Server-side estimate: user + (slab − floor's client half), per connection, at the largest N.
     server_total_bytes_per_conn: Option<f64>,
 }
@@ -497,9 +495,9 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
     // Server-side totals at the largest N, from the floor's slab cost (client + server).
     let floor_slab = results[0].points.last().map(|p| p.slab_bytes_per_conn).unwrap_or(0.0);
     for r in &mut results {
-        r.user_bytes_per_conn = r.points.last().map(|p| p.user_bytes_per_conn);
-        if let (Some(p), Some(user)) = (r.points.last(), r.user_bytes_per_conn) {
-            r.server_total_bytes_per_conn = Some(user.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
+        if let Some(p) = r.points.last() {
+            r.server_total_bytes_per_conn =
+                Some(p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0);
         }
     }
     // Chosen rows are a look at the connection figures alone (`--tunnel` and `--webrtc` run
@@ -583,7 +581,7 @@ fn markdown(r: &Results) -> String {
         s.push_str(&format!(
             "| {} | {} | {:.1} | {:.0} | {} | {} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             row.row,
-            fmt(row.user_bytes_per_conn, 0),
+            fmt(Some(p.user_bytes_per_conn), 0),
             p.rss_bytes as f64 / 1e6,
             p.slab_bytes_per_conn,
             fmt(row.server_total_bytes_per_conn, 0),
@@ -634,7 +632,7 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     let max_y = r
         .rows
         .iter()
-        .flat_map(|x| x.points.iter().map(|p| x.user_bytes_per_conn.unwrap_or(0.0).max(0.0) + p.slab_bytes_per_conn))
+        .flat_map(|x| x.points.iter().map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn))
         .fold(1.0, f64::max);
     let max_n = *r.ns.last().unwrap_or(&1) as f64;
     let mut chart = ChartBuilder::on(&root)
@@ -646,8 +644,8 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
     chart.configure_mesh().x_desc("N connections").y_desc("bytes per connection").draw()?;
     for (i, row) in r.rows.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let user = row.user_bytes_per_conn.unwrap_or(0.0).max(0.0);
-        let pts: Vec<(f64, f64)> = row.points.iter().map(|p| (p.n as f64, user + p.slab_bytes_per_conn)).collect();
+        let pts: Vec<(f64, f64)> =
+            row.points.iter().map(|p| (p.n as f64, p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn)).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(row.row.clone())
