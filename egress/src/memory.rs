@@ -33,12 +33,6 @@ pub fn apply(huge_pages: HugePages) -> Applied {
     Applied { huge_pages, system_mode, error }
 }
 
-/// Whether transparent huge pages are disabled for this process (PR_GET_THP_DISABLE).
-pub fn thp_disabled() -> bool {
-    // SAFETY: PR_GET_THP_DISABLE reads this process's flag.
-    unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
-}
-
 /// The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled
 /// (`always [madvise] never` → `madvise`).
 fn system_thp_mode() -> Option<String> {
