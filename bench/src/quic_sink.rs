@@ -14,7 +14,12 @@ const ALPN: &[u8] = b"broflake-bench";
 const CHUNK: usize = 64 << 10;
 
 fn transport() -> Arc<quinn::TransportConfig> {
-    Arc::new(broflake_tunnel::settings::transport(16, Duration::from_secs(30), None))
+    Arc::new(broflake_tunnel::settings::transport(
+        16,
+        Duration::from_secs(30),
+        None,
+        broflake_tunnel::settings::MAX_MTU,
+    ))
 }
 
 /// Serves until killed; prints `quic sink listening on ADDR` on stderr.
@@ -34,7 +39,7 @@ pub fn serve() -> Result<()> {
         server.transport_config(transport());
         let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let endpoint = quinn::Endpoint::new(
-            broflake_tunnel::settings::endpoint_config(),
+            broflake_tunnel::settings::endpoint_config(broflake_tunnel::settings::MAX_MTU),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -83,7 +88,7 @@ pub fn client_endpoint() -> Result<quinn::Endpoint> {
     client.transport_config(transport());
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let mut endpoint = quinn::Endpoint::new(
-        broflake_tunnel::settings::endpoint_config(),
+        broflake_tunnel::settings::endpoint_config(broflake_tunnel::settings::MAX_MTU),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -93,7 +93,7 @@ impl Consumer {
         let local: SocketAddr = "[fd00:b70f::c]:443".parse().expect("literal");
         let (socket, inbound) = VirtualSocket::new(local, sink.clone(), 4096);
         let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
-            broflake_tunnel::settings::endpoint_config(),
+            broflake_tunnel::settings::endpoint_config(broflake_tunnel::settings::MAX_MTU),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -106,6 +106,7 @@ impl Consumer {
             cfg.max_streams,
             cfg.idle_timeout,
             Some(cfg.keep_alive),
+            broflake_tunnel::settings::MAX_MTU,
         )));
         endpoint.set_default_client_config(client);
         let failures = Arc::new(AtomicU64::new(0));

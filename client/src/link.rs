@@ -124,6 +124,9 @@ pub struct LinkStats {
     pub packets_sent: AtomicU64,
     pub packets_received: AtomicU64,
     pub packets_dropped: AtomicU64,
+    /// Packets larger than this hop carries, dropped (PROTOCOL.md §14.4; what path MTU
+    /// discovery's probes meet).
+    pub packets_too_large: AtomicU64,
 }
 
 /// A cheap handle for sending on a link.
@@ -417,6 +420,26 @@ impl Driver {
         }
     }
 
+    /// Writes one DATA frame; 1 if written, 0 if dropped. On a data channel only base-size
+    /// packets travel (one SCTP chunk each, PROTOCOL.md §17.5).
+    fn send_data(&mut self, label: u64, packet: &[u8]) -> u64 {
+        let max = if self.pipe.as_ref().is_some_and(Pipe::coalesces_data) {
+            self.session.max_frame_size()
+        } else {
+            broflake_proto::packet_size::DATA_CHANNEL_MAX_FRAME.min(self.session.max_frame_size())
+        };
+        let r = broflake_proto::packet_size::check_fits(label, packet.len(), max)
+            .and_then(|()| self.session.send_data(label, packet, &mut self.tx));
+        match r {
+            Ok(()) => 1,
+            Err(broflake_proto::DataRefused::TooLarge { .. }) => {
+                self.stats.packets_too_large.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+            Err(_) => 0,
+        }
+    }
+
     fn on_cmd(&mut self, cmd: Option<Cmd>) -> Step {
         match cmd {
             None | Some(Cmd::Close) => {
@@ -424,7 +447,7 @@ impl Driver {
                 Step::End(Some((1000, c.reason.to_string())), "closed locally".into())
             }
             Some(Cmd::Data { label, packet }) => {
-                let mut n = u64::from(self.session.send_data(label, &packet, &mut self.tx));
+                let mut n = self.send_data(label, &packet);
                 // Coalesce what is already queued into the same message (not on a
                 // DataChannel: there each packet is its own unreliable message).
                 let limit = if self.pipe.as_ref().is_some_and(Pipe::coalesces_data) {
@@ -434,9 +457,7 @@ impl Driver {
                 };
                 while self.tx.len() < limit {
                     match self.cmd_rx.try_recv() {
-                        Ok(Cmd::Data { label, packet }) => {
-                            n += u64::from(self.session.send_data(label, &packet, &mut self.tx))
-                        }
+                        Ok(Cmd::Data { label, packet }) => n += self.send_data(label, &packet),
                         Ok(other) => {
                             if let Step::End(c, r) = self.on_cmd(Some(other)) {
                                 return Step::End(c, r);

@@ -75,6 +75,9 @@ pub struct RelayStats {
     pub routes_migrated: AtomicU64,
     pub packets_up: AtomicU64,
     pub packets_down: AtomicU64,
+    /// Packets from upstream larger than their downstream hop carries, dropped (PROTOCOL.md
+    /// §14.4). Upstream links count their own in their link stats.
+    pub packets_too_large: AtomicU64,
 }
 
 /// A running relay. Dropping it stops everything.
@@ -415,7 +418,7 @@ async fn accept_loop(listener: TcpListener, cfg: ServerConfig, router: mpsc::Sen
         let (cfg, router, stats) = (cfg.clone(), router.clone(), stats.clone());
         tokio::spawn(async move {
             stats.downstream_links.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = downstream_ws(stream, down, cfg, router.clone()).await {
+            if let Err(e) = downstream_ws(stream, down, cfg, router.clone(), stats.clone()).await {
                 tracing::debug!(%peer, error = %e, "downstream link ended");
             }
             stats.downstream_links.fetch_sub(1, Ordering::Relaxed);
@@ -430,6 +433,7 @@ async fn downstream_ws(
     down: DownId,
     cfg: Arc<ServerConfig>,
     router: mpsc::Sender<Ev>,
+    stats: Arc<RelayStats>,
 ) -> anyhow::Result<()> {
     let (min_v, max_v) = (cfg.min_version, cfg.max_version);
     #[allow(clippy::result_large_err)] // the signature is tungstenite's
@@ -454,7 +458,7 @@ async fn downstream_ws(
         tokio_tungstenite::accept_hdr_async(stream, callback),
     )
     .await??;
-    serve_downstream(Pipe::Ws(Box::new(ws)), down, cfg, router).await
+    serve_downstream(Pipe::Ws(Box::new(ws)), down, cfg, router, stats).await
 }
 
 /// One downstream link: the server side of the protocol over `pipe`, routes handed to the
@@ -464,6 +468,7 @@ pub(crate) async fn serve_downstream(
     down: DownId,
     cfg: Arc<ServerConfig>,
     router: mpsc::Sender<Ev>,
+    stats: Arc<RelayStats>,
 ) -> anyhow::Result<()> {
     let (tx_cmd, mut rx_cmd) = mpsc::channel::<DownCmd>(1024);
     router.send(Ev::DownOpen { down, tx: tx_cmd }).await?;
@@ -474,6 +479,20 @@ pub(crate) async fn serve_downstream(
     let mut tx = Vec::new();
     // Several packets per message over WebSocket; one per message on a DataChannel.
     let coalesce = if pipe.coalesces_data() { cfg.max_frame_size as usize } else { 0 };
+    // What one DATA frame may take on this hop: the frame limit we announced, and on a data
+    // channel one base-size packet (PROTOCOL.md §14.4, §17.5).
+    let max_frame = if pipe.coalesces_data() {
+        cfg.max_frame_size as usize
+    } else {
+        broflake_proto::packet_size::DATA_CHANNEL_MAX_FRAME.min(cfg.max_frame_size as usize)
+    };
+    let send_data = |session: &ServerSession, label: u64, packet: &[u8], tx: &mut Vec<u8>| {
+        let r = broflake_proto::packet_size::check_fits(label, packet.len(), max_frame)
+            .and_then(|()| session.send_data(&cfg, label, packet, tx));
+        if let Err(broflake_proto::DataRefused::TooLarge { .. }) = r {
+            stats.packets_too_large.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     loop {
         let wake = session
             .next_timeout(&cfg)
@@ -488,10 +507,10 @@ pub(crate) async fn serve_downstream(
             cmd = rx_cmd.recv() => match cmd {
                 Some(DownCmd::Data { label, packet }) => {
                     data_only = true;
-                    session.send_data(label, &packet, &mut tx);
+                    send_data(&session, label, &packet, &mut tx);
                     while tx.len() < coalesce {
                         match rx_cmd.try_recv() {
-                            Ok(DownCmd::Data { label, packet }) => { session.send_data(label, &packet, &mut tx); }
+                            Ok(DownCmd::Data { label, packet }) => send_data(&session, label, &packet, &mut tx),
                             Ok(DownCmd::RouteClose { label, code }) => {
                                 data_only = false;
                                 session.close_route(label, code, &mut tx);

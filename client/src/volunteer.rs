@@ -191,8 +191,9 @@ impl Session {
                         tracing::debug!(%session, path = ?pipe.path().map(|p| p.to_string()), "WebRTC path");
                         let down = DOWN_IDS.fetch_add(1, Ordering::Relaxed);
                         self.stats.downstream_links.fetch_add(1, Ordering::Relaxed);
+                        let router = self.router.clone();
                         if let Err(e) =
-                            serve_downstream(Pipe::Rtc(pipe), down, self.down.clone(), self.router.clone()).await
+                            serve_downstream(Pipe::Rtc(pipe), down, self.down.clone(), router, self.stats.clone()).await
                         {
                             tracing::debug!(%session, error = %e, "consumer link ended");
                         }

@@ -110,7 +110,8 @@ pub struct Liveness {
 pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: u32,
-    /// Largest Broflake frame accepted (announced in WELCOME).
+    /// Largest Broflake frame accepted (announced in WELCOME). It also bounds the QUIC packets
+    /// the egress sends (path MTU discovery probes up to what one DATA frame carries).
     pub max_frame_size: u32,
     /// Largest WebSocket message accepted.
     pub max_message_size: u32,

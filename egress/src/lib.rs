@@ -85,6 +85,7 @@ impl Egress {
             quic::server_config(identity.quic_config()?, &config),
             config.quic.inbound_queue,
             identity.key.secret_der(),
+            quic::max_mtu(&config),
         )
         .context("cannot create the QUIC endpoint")?;
         let shared = Arc::new(Shared::new(config.clone(), quic.clone(), false));

@@ -76,11 +76,16 @@ pub fn reset_key(secret: &[u8]) -> Arc<dyn quinn::crypto::HmacKey> {
 
 impl QuicBridge {
     /// `reset_secret` seeds the stateless-reset key (see [`reset_key`]).
-    pub fn new(server: quinn::ServerConfig, inbound_queue: usize, reset_secret: &[u8]) -> std::io::Result<Arc<Self>> {
+    pub fn new(
+        server: quinn::ServerConfig,
+        inbound_queue: usize,
+        reset_secret: &[u8],
+        max_mtu: u16,
+    ) -> std::io::Result<Arc<Self>> {
         let routes = Arc::new(Routes::default());
         let local: SocketAddr = "[fd00:b70f::]:443".parse().expect("literal");
         let (socket, inbound) = VirtualSocket::new(local, routes.clone(), inbound_queue);
-        let mut config = broflake_tunnel::settings::endpoint_config();
+        let mut config = broflake_tunnel::settings::endpoint_config(max_mtu);
         config.reset_key(reset_key(reset_secret));
         let endpoint =
             quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?;
@@ -105,6 +110,12 @@ impl QuicBridge {
     }
 }
 
+/// The largest QUIC packet the egress probes for: what its own frame limit lets one DATA
+/// frame carry (hops further on may carry less; path MTU discovery finds out).
+pub fn max_mtu(config: &crate::config::Config) -> u16 {
+    broflake_tunnel::settings::max_mtu_for_frame_limit(u64::from(config.limits.max_frame_size))
+}
+
 /// The quinn server configuration for the tunnel.
 pub fn server_config(
     crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
@@ -115,6 +126,7 @@ pub fn server_config(
         config.limits.max_streams_per_quic_connection,
         config.quic.idle_timeout,
         None,
+        max_mtu(config),
     )));
     // Consumers move between relays and routes: that is the point of running QUIC end to end.
     s.migration(true);

@@ -9,6 +9,7 @@ use crate::frame::{
 };
 use crate::grease::{self, Rng};
 use crate::handshake;
+use crate::packet_size::{self, DataRefused};
 use crate::time::Timestamp;
 
 /// Client settings.
@@ -506,13 +507,18 @@ impl ClientSession {
         }
     }
 
-    /// Writes a DATA frame on an open route.
-    pub fn send_data(&self, label: u64, packet: &[u8], tx: &mut Vec<u8>) -> bool {
-        if !self.is_open() || self.routes.binary_search(&label).is_err() {
-            return false;
+    /// Writes a DATA frame on an open route. A packet too large for the frame limit is
+    /// refused: the caller drops it (PROTOCOL.md §14.4).
+    pub fn send_data(&self, label: u64, packet: &[u8], tx: &mut Vec<u8>) -> Result<(), DataRefused> {
+        if !self.is_open() {
+            return Err(DataRefused::NotOpen);
         }
+        if self.routes.binary_search(&label).is_err() {
+            return Err(DataRefused::NoRoute(label));
+        }
+        packet_size::check_fits(label, packet.len(), self.max_frame_size())?;
         frame::encode_data(label, packet, tx);
-        true
+        Ok(())
     }
 
     /// Writes ERROR and closes.

@@ -472,12 +472,6 @@ pub fn encode_data(label: u64, packet: &[u8], out: &mut Vec<u8>) {
     Frame::Data { label, packet }.encode(0, out)
 }
 
-/// Size of a DATA frame's header for a label and packet length; used to size MTUs.
-pub fn data_overhead(label: u64, packet_len: usize) -> usize {
-    let payload = varint::len(label) + packet_len;
-    varint::len(types::DATA) + 1 + varint::len(payload as u64)
-}
-
 /// One frame decoded from the front of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded<'a> {

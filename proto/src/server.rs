@@ -13,6 +13,7 @@ use crate::frame::{
 };
 use crate::grease;
 use crate::handshake;
+use crate::packet_size::{self, DataRefused};
 use crate::time::Timestamp;
 
 /// Whom the server pings.
@@ -580,13 +581,24 @@ impl ServerSession {
         self.close_at = at.max(Timestamp(1));
     }
 
-    /// Writes a DATA frame on an open route (QUIC packet towards the client).
-    pub fn send_data(&self, label: u64, packet: &[u8], tx: &mut Vec<u8>) -> bool {
-        if !self.is_open() || self.routes.binary_search(&label).is_err() {
-            return false;
+    /// Writes a DATA frame on an open route (QUIC packet towards the client). A packet too
+    /// large for the frame limit is refused: the caller drops it (PROTOCOL.md §14.4).
+    pub fn send_data(
+        &self,
+        cfg: &ServerConfig,
+        label: u64,
+        packet: &[u8],
+        tx: &mut Vec<u8>,
+    ) -> Result<(), DataRefused> {
+        if !self.is_open() {
+            return Err(DataRefused::NotOpen);
         }
+        if self.routes.binary_search(&label).is_err() {
+            return Err(DataRefused::NoRoute(label));
+        }
+        packet_size::check_fits(label, packet.len(), self.max_frame_size(cfg))?;
         frame::encode_data(label, packet, tx);
-        true
+        Ok(())
     }
 
     /// Appends a grease frame (callers do this now and then on outgoing messages).

@@ -436,7 +436,7 @@ fn probes_may_not_send_data() {
     let mut p = Pair::new(ServerConfig::default(), ccfg);
     p.start();
     let l = p.client.open_route().unwrap();
-    p.client_send(|c, tx| assert!(c.send_data(l, b"x", tx)));
+    p.client_send(|c, tx| assert!(c.send_data(l, b"x", tx).is_ok()));
     assert_eq!(p.server_close.as_ref().unwrap().code, ErrorCode::PROTOCOL_VIOLATION);
 }
 
@@ -466,7 +466,7 @@ fn server_pings_do_not_keep_a_black_holed_client_alive() {
 fn goaway_drains_the_connection() {
     let mut p = Pair::connected();
     let label = p.client.open_route().unwrap();
-    p.client_send(|c, tx| assert!(c.send_data(label, b"quic-1", tx)));
+    p.client_send(|c, tx| assert!(c.send_data(label, b"quic-1", tx).is_ok()));
     let now = p.now;
     p.server_send(|s, tx| s.goaway(now, 30_000, "wss://other.example/broflake", tx));
     assert_eq!(
@@ -476,7 +476,7 @@ fn goaway_drains_the_connection() {
     assert!(p.client.is_going_away());
     assert_eq!(p.client.open_route(), Err(RouteError::GoingAway));
     // Existing routes still flow during the grace period.
-    p.client_send(|c, tx| assert!(c.send_data(label, b"quic-2", tx)));
+    p.client_send(|c, tx| assert!(c.send_data(label, b"quic-2", tx).is_ok()));
     assert_eq!(p.server_events.last(), Some(&Ev::Data { label, packet: b"quic-2".to_vec(), new_route: false }));
     // A new label during the drain is closed with DRAINING.
     p.client_send(|_, tx| broflake_proto::frame::encode_data(9, b"x", tx));
@@ -498,9 +498,9 @@ fn routes_open_close_limit_and_unknown() {
     assert_eq!((a, b), (0, 1));
     assert_eq!(p.client.open_route(), Err(RouteError::Limit(2)));
     p.client_send(|c, tx| {
-        c.send_data(a, b"a", tx);
-        c.send_data(b, b"b", tx);
-        c.send_data(a, b"a2", tx);
+        c.send_data(a, b"a", tx).unwrap();
+        c.send_data(b, b"b", tx).unwrap();
+        c.send_data(a, b"a2", tx).unwrap();
     });
     assert_eq!(
         p.server_events[1..],
@@ -527,7 +527,7 @@ fn routes_open_close_limit_and_unknown() {
     p.client_send(|c, tx| assert!(c.close_route(b, ErrorCode::NO_ERROR, tx)));
     assert!(p.server.route_count() == 0);
     let b = p.client.open_route().unwrap();
-    p.client_send(|c, tx| assert!(c.send_data(b, b"b2", tx)));
+    p.client_send(|c, tx| assert!(c.send_data(b, b"b2", tx).is_ok()));
     assert_eq!(b, 2, "labels are never reused");
     // The server closes a route from its side.
     p.server_send(|s, tx| assert!(s.close_route(b, ErrorCode::NO_ERROR, tx)));
@@ -536,8 +536,8 @@ fn routes_open_close_limit_and_unknown() {
     // A client that ignores max_routes: labels beyond the limit are refused, packets dropped.
     let (x, y) = (p.client.open_route().unwrap(), p.client.open_route().unwrap());
     p.client_send(|c, tx| {
-        c.send_data(x, b"x", tx);
-        c.send_data(y, b"y", tx);
+        c.send_data(x, b"x", tx).unwrap();
+        c.send_data(y, b"y", tx).unwrap();
         broflake_proto::frame::encode_data(y + 1, b"z", tx);
     });
     assert_eq!(p.client_events.last(), Some(&Ev::RouteClosed { label: y + 1, code: ErrorCode::ROUTE_LIMIT }));
@@ -678,7 +678,7 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
                     if new {
                         assert_eq!(up.open_route().unwrap(), ul, "table and session agree on labels");
                     }
-                    assert!(up.send_data(ul, packet, &mut out));
+                    assert!(up.send_data(ul, packet, &mut out).is_ok());
                 }
                 ServerEvent::RouteClosed { label, code } => {
                     let (_, ul) = table.close_down(link, label).unwrap();
@@ -693,14 +693,14 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     }
 
     /// Passes one message upstream→downstream through a relay hop.
-    fn relay_down(hop: &mut Hop, msg: &[u8], ccfg: &ClientConfig) -> Vec<u8> {
+    fn relay_down(hop: &mut Hop, msg: &[u8], ccfg: &ClientConfig, scfg: &ServerConfig) -> Vec<u8> {
         let mut out = Vec::new();
         let Hop { down, up, table } = hop;
         up.handle_message(ccfg, Timestamp(0), msg, &mut Vec::new(), |_, ev, _| {
             match ev {
                 ClientEvent::Data { label, packet } => {
                     let (_, dl) = table.downstream_of(0, label).unwrap();
-                    assert!(down.send_data(dl, packet, &mut out));
+                    assert!(down.send_data(scfg, dl, packet, &mut out).is_ok());
                 }
                 ClientEvent::RouteClosed { label, code } => {
                     let (_, dl) = table.close_up(0, label).unwrap();
@@ -717,7 +717,7 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     // Consumer sends a QUIC packet on its label 0.
     let cl = consumer.open_route().unwrap();
     let mut m = Vec::new();
-    consumer.send_data(cl, b"initial", &mut m);
+    consumer.send_data(cl, b"initial", &mut m).unwrap();
     let m = relay_up(&mut a, 1, &m, &scfg);
     let m = relay_up(&mut b, 1, &m, &scfg);
     let mut seen = Vec::new();
@@ -735,9 +735,9 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
 
     // The egress answers on label 3; it comes back to the consumer on label 0.
     let mut m = Vec::new();
-    assert!(egress.send_data(3, b"handshake", &mut m));
-    let m = relay_down(&mut b, &m, &ccfg);
-    let m = relay_down(&mut a, &m, &ccfg);
+    assert!(egress.send_data(&scfg, 3, b"handshake", &mut m).is_ok());
+    let m = relay_down(&mut b, &m, &ccfg, &scfg);
+    let m = relay_down(&mut a, &m, &ccfg, &scfg);
     let mut got = Vec::new();
     consumer
         .handle_message(&consumer_cfg, t, &m, &mut Vec::new(), |_, ev, _| {
@@ -770,7 +770,7 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     // A second consumer route, closed by the egress this time, travels back down.
     let cl2 = consumer.open_route().unwrap();
     let mut m = Vec::new();
-    consumer.send_data(cl2, b"again", &mut m);
+    consumer.send_data(cl2, b"again", &mut m).unwrap();
     let m = relay_up(&mut a, 1, &m, &scfg);
     let m = relay_up(&mut b, 1, &m, &scfg);
     egress.handle_message(&scfg, t, &m, &mut Vec::new(), |_, _, _| Ok(())).unwrap();
@@ -778,8 +778,8 @@ fn route_open_rewrite_and_close_across_a_two_hop_chain() {
     assert_eq!(el, 4, "upstream labels are never reused");
     let mut m = Vec::new();
     assert!(egress.close_route(el, ErrorCode::NO_ERROR, &mut m));
-    let m = relay_down(&mut b, &m, &ccfg);
-    let m = relay_down(&mut a, &m, &ccfg);
+    let m = relay_down(&mut b, &m, &ccfg, &scfg);
+    let m = relay_down(&mut a, &m, &ccfg, &scfg);
     let mut closed = Vec::new();
     consumer
         .handle_message(&consumer_cfg, t, &m, &mut Vec::new(), |_, ev, _| {
@@ -860,4 +860,29 @@ fn hostile_welcome_values_do_not_overflow_the_client() {
     let t = c.poll_timeout(&ccfg).unwrap();
     assert!(t.as_millis() > 1 << 40);
     c.handle_timeout(&ccfg, Timestamp(u64::MAX - 1), &mut tx).unwrap();
+}
+
+#[test]
+fn a_packet_above_the_frame_limit_is_refused_and_the_link_lives_on() {
+    use broflake_proto::packet_size::{max_packet, DataRefused};
+    let scfg = ServerConfig { max_frame_size: 1500, ..ServerConfig::default() };
+    let mut p = Pair::new(scfg, ClientConfig::default());
+    p.start();
+    assert!(p.client.is_open(), "handshake failed: {:?}", p.client_close);
+    let label = p.client.open_route().unwrap();
+    let big = vec![0x5a; max_packet(1500) + 8]; // fits with label 0 up to 1495 bytes; this is 1496
+    let mut tx = Vec::new();
+    assert_eq!(p.client.send_data(label, &big, &mut tx), Err(DataRefused::TooLarge { size: 1501, max: 1500 }));
+    assert!(tx.is_empty(), "nothing written for a refused packet");
+    let fits = vec![0x5a; 1495];
+    p.client_send(|c, tx| c.send_data(label, &fits, tx).unwrap());
+    assert_eq!(p.server_events.last(), Some(&Ev::Data { label, packet: fits.clone(), new_route: true }));
+    // The server's side of the same hop refuses the same way, and both stay open.
+    let scfg = p.scfg.clone();
+    let mut tx = Vec::new();
+    assert!(matches!(p.server.send_data(&scfg, label, &big, &mut tx), Err(DataRefused::TooLarge { .. })));
+    p.server_send(|s, tx| s.send_data(&scfg, label, &fits, tx).unwrap());
+    assert_eq!(p.client_events.last(), Some(&Ev::Data { label, packet: fits, new_route: false }));
+    assert!(p.client.is_open() && p.server.is_open());
+    assert_eq!(p.client.send_data(label + 1, b"x", &mut tx), Err(DataRefused::NoRoute(label + 1)));
 }

@@ -3,21 +3,38 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-/// UDP payload size used on every path. Fixed: the tunnel runs over TCP, so path MTU
-/// discovery would only probe the WebSocket hop's framing, never a real link. A DATA frame
-/// carrying a full packet stays far below the smallest allowed `max_frame_size` (1500).
-pub const MTU: u16 = 1350;
+/// The UDP payload size every hop carries: QUIC starts at it and never goes below it.
+pub const BASE_MTU: u16 = broflake_proto::packet_size::BASE_PACKET_SIZE as u16;
 
-/// Transport settings shared by the egress and consumers.
+/// The largest UDP payload a consumer probes for: what a DATA frame carries within the
+/// default frame size limit (16,384), so a route of WebSocket hops on default settings runs at
+/// this size. Path MTU discovery finds less where a hop carries less (a WebRTC data channel,
+/// a smaller `max_frame_size`): the hop drops what does not fit (PROTOCOL.md §14.4).
+pub const MAX_MTU: u16 = 16_372;
+
+/// The largest UDP payload to probe for behind a hop whose frame limit is `max_frame_size`.
+pub fn max_mtu_for_frame_limit(max_frame_size: u64) -> u16 {
+    let packet = broflake_proto::packet_size::max_packet(usize::try_from(max_frame_size).unwrap_or(usize::MAX));
+    // quinn's own bound on a UDP payload.
+    packet.clamp(usize::from(BASE_MTU), 65_527) as u16
+}
+
+/// Transport settings shared by the egress and consumers. `max_mtu` bounds path MTU discovery.
 pub fn transport(
     max_bidi_streams: u32,
     idle_timeout: Duration,
     keep_alive: Option<Duration>,
+    max_mtu: u16,
 ) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.initial_mtu(MTU);
-    t.min_mtu(MTU);
-    t.mtu_discovery_config(None);
+    t.initial_mtu(BASE_MTU);
+    t.min_mtu(BASE_MTU);
+    // Each hop drops a DATA frame it cannot carry, which is what DPLPMTUD needs to see: a lost
+    // probe. Larger packets amortise every per-packet cost (crypto set-up, ACKs, framing,
+    // queueing) on every hop.
+    let mut pmtud = quinn::MtuDiscoveryConfig::default();
+    pmtud.upper_bound(max_mtu.max(BASE_MTU));
+    t.mtu_discovery_config((max_mtu > BASE_MTU).then_some(pmtud));
     t.max_concurrent_bidi_streams(max_bidi_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(idle_timeout.try_into().expect("idle timeout in range")));
@@ -29,10 +46,11 @@ pub fn transport(
     t
 }
 
-/// The endpoint configuration: UDP payload capped at the fixed MTU.
-pub fn endpoint_config() -> quinn::EndpointConfig {
+/// The endpoint configuration: the largest UDP payload accepted (and announced to the peer
+/// as `max_udp_payload_size`, so a peer that predates large packets never receives one).
+pub fn endpoint_config(max_mtu: u16) -> quinn::EndpointConfig {
     let mut c = quinn::EndpointConfig::default();
-    c.max_udp_payload_size(MTU).expect("valid payload size");
+    c.max_udp_payload_size(max_mtu.max(BASE_MTU)).expect("valid payload size");
     c
 }
 
@@ -98,5 +116,17 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCert {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consumers_bound_is_what_a_default_hop_carries() {
+        assert_eq!(max_mtu_for_frame_limit(broflake_proto::frame::DEFAULT_MAX_FRAME_SIZE as u64), MAX_MTU);
+        assert_eq!(max_mtu_for_frame_limit(broflake_proto::frame::MIN_MAX_FRAME_SIZE), 1488);
+        assert_eq!(max_mtu_for_frame_limit(1 << 20), 65_527);
     }
 }

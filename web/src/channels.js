@@ -11,6 +11,13 @@ import { readVarint } from './bytes.js';
 
 /** DATA messages are dropped, as by a full UDP socket, above this much buffered (§17.4). */
 export const DATA_HIGH_WATER = 512 * 1024;
+/**
+ * The largest DATA frame on the data channel: one base-size (1350-byte) QUIC packet with the
+ * longest label, so it travels in one SCTP chunk (§17.5). Larger packets are dropped like a
+ * datagram above a path's MTU, which is what the QUIC endpoints' path MTU discovery expects
+ * (§14.4).
+ */
+export const DATA_CHANNEL_MAX_FRAME = 1362;
 /** How long the peer connection stays up after the channels' reset, so that it arrives (§17.9). */
 const CLOSE_LINGER_MS = 300;
 
@@ -51,6 +58,7 @@ export class ChannelPair {
     this.onclose = null;
     this.readyState = 'connecting';
     this.dropped = 0; // DATA messages dropped because the data channel was backed up
+    this.tooLarge = 0; // DATA messages dropped because they exceed DATA_CHANNEL_MAX_FRAME
     this.closeInfo = null;
     const deliver = (ev) => this.onmessage?.(ev.data);
     control.onmessage = deliver;
@@ -84,6 +92,10 @@ export class ChannelPair {
   send(bytes) {
     if (this.readyState !== 'open') return;
     if (isSingleData(bytes)) {
+      if (bytes.length > DATA_CHANNEL_MAX_FRAME) {
+        this.tooLarge++;
+        return;
+      }
       if (this.data.readyState !== 'open' || this.data.bufferedAmount > DATA_HIGH_WATER) {
         this.dropped++;
         return;

@@ -48,8 +48,8 @@ impl RouteTable {
 impl RouteSink for RouteTable {
     fn send(&self, id: u64, packet: &[u8]) -> Result<(), Dropped> {
         let target = self.map.lock().expect("routes poisoned").get(&id).cloned().ok_or(Dropped::RouteGone)?;
-        let mut frame =
-            Vec::with_capacity(broflake_proto::frame::data_overhead(target.label, packet.len()) + packet.len() + 8);
+        // Fits the frame limit: quinn probes only up to what the limit carries (quic::max_mtu).
+        let mut frame = Vec::with_capacity(broflake_proto::packet_size::data_frame_size(target.label, packet.len()));
         broflake_proto::frame::encode_data(target.label, packet, &mut frame);
         target.tx.try_send(Bytes::from(frame)).map_err(|_| Dropped::QueueFull)
     }
