@@ -185,6 +185,11 @@ where
     Err(last)
 }
 
+/// Size of the buffers destination reads land in; a new one is started when less than
+/// `DOWN_READ_MIN` is left, so a chunk quinn holds wastes at most that much of its buffer.
+const DOWN_READ_BUF: usize = 64 * 1024;
+const DOWN_READ_MIN: usize = 16 * 1024;
+
 async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream, early: Vec<u8>) {
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let up = async {
@@ -192,19 +197,28 @@ async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::Re
         if !early.is_empty() {
             tcp_w.write_all(&early).await?;
         }
-        n += tokio::io::copy(&mut recv, &mut tcp_w).await?;
+        // Chunks straight out of quinn's reassembly buffer: no copy into a buffer of ours.
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(std::io::Error::other)? {
+            tcp_w.write_all(&chunk.bytes).await?;
+            n += chunk.bytes.len() as u64;
+        }
         tcp_w.shutdown().await?;
         Ok::<u64, std::io::Error>(n)
     };
     let down = async {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Reads land in shared buffers that quinn keeps as they are until acknowledged
+        // (`write_chunk`), instead of being copied into its send buffer.
+        let mut buf = bytes::BytesMut::new();
         let mut n = 0u64;
         loop {
-            let k = tcp_r.read(&mut buf).await?;
+            if buf.capacity() - buf.len() < DOWN_READ_MIN {
+                buf.reserve(DOWN_READ_BUF);
+            }
+            let k = tcp_r.read_buf(&mut buf).await?;
             if k == 0 {
                 break;
             }
-            send.write_all(&buf[..k]).await.map_err(std::io::Error::other)?;
+            send.write_chunk(buf.split().freeze()).await.map_err(std::io::Error::other)?;
             n += k as u64;
         }
         send.finish().map_err(std::io::Error::other)?;

@@ -28,24 +28,34 @@ impl Worker {
 
     /// Queues bytes (plaintext for TLS connections) and starts a send if none is in flight.
     pub(super) fn queue_out(&mut self, idx: u32, bytes: &[u8]) {
+        self.queue_out_parts(idx, [bytes, &[]]);
+    }
+
+    /// [`Self::queue_out`] for bytes in two parts (a WebSocket header and a payload that lives
+    /// elsewhere), sent with one `sendmsg` so the payload is not first copied next to its header.
+    pub(super) fn queue_out_parts(&mut self, idx: u32, parts: [&[u8]; 2]) {
         let now = self.now.as_millis();
         let c = &mut self.conns[idx as usize];
         if matches!(c.state, State::Zombie | State::Free) {
             return;
         }
         let tls = c.ext.as_mut().and_then(|e| e.tls.as_deref_mut());
-        if tls.is_none() && bytes.is_empty() {
+        let total = parts[0].len() + parts[1].len();
+        if tls.is_none() && total == 0 {
             return;
         }
-        let mut bytes = bytes;
+        let mut sent = 0;
         if tls.is_none() && c.tx.is_none() && c.flags & F_SEND_INFLIGHT == 0 && c.fd >= 0 {
             // Nothing queued: write straight to the socket. A reply (PONG, a few DATA frames)
             // almost always fits the socket buffer, and then needs no queue, no allocation and
             // no second completion; only what does not fit is queued.
-            // SAFETY: our socket and a valid buffer; MSG_DONTWAIT never blocks the loop.
-            let n = unsafe {
-                libc::send(c.fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
+            let mut iov = parts.map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
+            // SAFETY: an all-zero msghdr is valid; it points at two valid buffers.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = iov.len() as _;
+            // SAFETY: our socket and valid buffers; MSG_DONTWAIT never blocks the loop.
+            let n = unsafe { libc::sendmsg(c.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if n < 0 {
                 let e = std::io::Error::last_os_error().raw_os_error();
                 if !matches!(e, Some(libc::EAGAIN) | Some(libc::EINTR)) {
@@ -54,8 +64,8 @@ impl Worker {
                 }
             } else {
                 self.counts.bytes_tx += n as u64;
-                bytes = &bytes[n as usize..];
-                if bytes.is_empty() {
+                sent = n as usize;
+                if sent == total {
                     return;
                 }
             }
@@ -63,10 +73,15 @@ impl Worker {
         let c = &mut self.conns[idx as usize];
         let tls = c.ext.as_mut().and_then(|e| e.tls.as_deref_mut());
         let q = c.tx.get_or_insert_with(|| Box::new(TxQueue { since: now, ..TxQueue::default() }));
+        // What the socket did not take.
+        let head = &parts[0][sent.min(parts[0].len())..];
+        let body = &parts[1][sent.saturating_sub(parts[0].len())..];
         match tls {
             Some(tls) => {
-                if !bytes.is_empty() {
-                    let _ = tls.writer().write_all(bytes);
+                for p in [head, body] {
+                    if !p.is_empty() {
+                        let _ = tls.writer().write_all(p);
+                    }
                 }
                 while tls.wants_write() {
                     if tls.write_tls(&mut q.pending).is_err() {
@@ -74,7 +89,10 @@ impl Worker {
                     }
                 }
             }
-            None => q.pending.extend_from_slice(bytes),
+            None => {
+                q.pending.extend_from_slice(head);
+                q.pending.extend_from_slice(body);
+            }
         }
         if q.pending.is_empty() && q.inflight.is_empty() {
             c.tx = None;
@@ -154,7 +172,7 @@ impl Worker {
         // `take` re-arms the wake-up first, so anything queued after it wakes us again.
         self.inbox.take(&mut q);
         self.on_expired();
-        let mut frame = std::mem::take(&mut self.wsout);
+        let mut header = std::mem::take(&mut self.wsout);
         let mut i = 0;
         while i < q.items.len() {
             let (slot, gen, start, _) = q.items[i];
@@ -184,13 +202,12 @@ impl Worker {
                 continue;
             }
             let bytes = &q.bytes[start as usize..end as usize];
-            frame.clear();
-            wscodec::frame_header(0x2, bytes.len(), &mut frame);
-            frame.extend_from_slice(bytes);
+            header.clear();
+            wscodec::frame_header(0x2, bytes.len(), &mut header);
             self.counts.frames_tx[m::frame_index(frame::types::DATA)] += n;
-            self.queue_out(slot, &frame);
+            self.queue_out_parts(slot, [&header, bytes]);
         }
-        self.wsout = frame;
+        self.wsout = header;
         self.out = q;
     }
 }
