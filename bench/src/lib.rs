@@ -4,6 +4,7 @@
 
 pub mod loadgen;
 pub mod procfs;
+pub mod profile;
 pub mod quic_sink;
 pub mod tunnel;
 pub mod webrtc;

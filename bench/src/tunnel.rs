@@ -24,8 +24,10 @@ pub struct TunnelResults {
     pub quic_loopback: Vec<QuicAnchor>,
     /// AES-128-GCM seal in this process, CPU seconds per GiB, in 16 KiB blocks.
     pub aes_gcm_16k_sec_per_gib: f64,
-    /// The same in 1,350-byte packets (what a QUIC packet is here).
+    /// The same in 1,350-byte packets (QUIC's base packet size).
     pub aes_gcm_1350_sec_per_gib: f64,
+    /// Top frames of the io_uring egress during one more download, when asked for.
+    pub profile: Vec<crate::profile::Frame>,
 }
 
 #[derive(Debug, Default, Serialize, Clone)]
@@ -150,7 +152,8 @@ fn per_gib(cpu: f64, bytes: u64) -> f64 {
 
 /// Runs every measurement. `bin`: the release binaries; `bench`: this program (for the QUIC
 /// sink process).
-pub fn run(bin: &Path, bench: &Path, bytes: u64) -> Result<TunnelResults> {
+/// `profile`: where to record a perf profile of the io_uring egress during an extra download.
+pub fn run(bin: &Path, bench: &Path, bytes: u64, profile: Option<&Path>) -> Result<TunnelResults> {
     let http = http_server(bytes)?;
     let upload = std::env::temp_dir().join(format!("broflake-bench-upload-{}", std::process::id()));
     // Sparse: reading it costs curl no disk I/O.
@@ -163,7 +166,10 @@ pub fn run(bin: &Path, bench: &Path, bytes: u64) -> Result<TunnelResults> {
         ..Default::default()
     };
     for backend in ["uring", "tokio"] {
-        r.rows.extend(through_tunnel(bin, backend, http, &upload, &r)?);
+        let profile = profile.filter(|_| backend == "uring");
+        let (rows, frames) = through_tunnel(bin, backend, http, &upload, &r, profile)?;
+        r.rows.extend(rows);
+        r.profile.extend(frames);
     }
     r.quic_loopback = quic_anchor(bench, bytes)?;
     r.aes_gcm_16k_sec_per_gib = aes_gcm_sec_per_gib(16 << 10);
@@ -185,7 +191,8 @@ fn through_tunnel(
     http: std::net::SocketAddr,
     upload: &Path,
     plain: &TunnelResults,
-) -> Result<Vec<TunnelRow>> {
+    profile: Option<&Path>,
+) -> Result<(Vec<TunnelRow>, Vec<crate::profile::Frame>)> {
     let dir = std::env::temp_dir().join(format!("broflake-bench-tunnel-{backend}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join("egress.toml");
@@ -251,8 +258,17 @@ fn through_tunnel(
             consumer_sec_per_gib: per_gib(c.total(), plain.bytes),
         });
     }
+    // Profiled apart from the measured rows, so sampling costs them nothing.
+    let frames = match profile {
+        Some(data) => {
+            let rec = crate::profile::Recording::start(egress_pid, data)?;
+            curl(http, Some(&proxy), None)?;
+            rec.finish(1.0)?
+        }
+        None => Vec::new(),
+    };
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(rows)
+    Ok((rows, frames))
 }
 
 /// quinn over loopback UDP: the sink process is the server, measured like the egress.
@@ -352,5 +368,15 @@ pub fn markdown(r: &TunnelResults, command: &str) -> String {
         "| AES-128-GCM seal (ring), 16 KiB blocks | — | — | {0:.2} | 0 | {0:.2} |\n| AES-128-GCM seal (ring), 1,350-byte packets | — | — | {1:.2} | 0 | {1:.2} |\n",
         r.aes_gcm_16k_sec_per_gib, r.aes_gcm_1350_sec_per_gib
     );
+    if !r.profile.is_empty() {
+        s += &format!(
+            "\nWhere the io_uring egress spends its CPU during one more {mib} MiB download (`perf record -F 999 -g -p EGRESS`, \
+             `perf report --no-children --sort symbol`, frames at 1 % of samples or more; k = kernel):\n\n\
+             | % of samples | | function |\n|---|---|---|\n"
+        );
+        for f in &r.profile {
+            s += &format!("| {:.1} | {} | `{}` |\n", f.percent, f.space, f.symbol);
+        }
+    }
     s
 }

@@ -10,6 +10,8 @@ use core::mem::size_of;
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "broflake_liveness";
+/// Name of the TC ingress program doing the same tracking (interfaces without native XDP).
+pub const PROGRAM_NAME_TC: &str = "broflake_liveness_tc";
 /// Flow table: [`FlowKey`] → [`FlowValue`] (`BPF_MAP_TYPE_HASH`, preallocated).
 pub const MAP_FLOWS: &str = "FLOWS";
 /// Single-element array holding [`Config`].

@@ -8,19 +8,23 @@
 //!   and removed. A large table is swept in slices of at most `Config::sweep_batch` flows,
 //!   one timer callback each.
 //! - The program never drops, redirects or changes a packet: it always returns XDP_PASS.
+//! - The same tracking also exists as a TC ingress program (`broflake_liveness_tc`), for
+//!   interfaces without native XDP: generic (SKB-mode) XDP copies every packet it sees that is
+//!   cloned or not linear (every TCP segment on loopback or a veth), TC sees the skb as it is.
+//!   It returns TC_ACT_UNSPEC: the next program, or the default action, decides.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_timer, xdp_action, BPF_NOEXIST},
+    bindings::{bpf_timer, xdp_action, BPF_NOEXIST, TC_ACT_UNSPEC},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     cty::c_void,
     helpers::{
         bpf_for_each_map_elem, bpf_ktime_get_coarse_ns, bpf_map_delete_elem, bpf_timer_init, bpf_timer_set_callback,
         bpf_timer_start,
     },
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use core::mem::size_of;
 use core::ptr;
@@ -75,19 +79,61 @@ const SLICE_GAP_NS: u64 = 50_000;
 #[xdp]
 pub fn broflake_liveness(ctx: XdpContext) -> u32 {
     let counters = COUNTERS.get_ptr_mut(0);
-    if let Some(c) = counters {
-        // SAFETY: per-CPU value; XDP does not nest on one CPU.
-        unsafe { (*c).packets += 1 };
-    }
+    count(counters, |c| c.packets += 1);
     arm_sweep();
     let _ = try_liveness(&ctx, counters);
     xdp_action::XDP_PASS
 }
 
+/// Headers this long are made linear (pulled) before parsing when the skb's linear part is
+/// shorter; in practice the stack keeps them linear already.
+const TC_PULL: u32 = 128;
+
+#[classifier]
+pub fn broflake_liveness_tc(ctx: TcContext) -> i32 {
+    let counters = COUNTERS.get_ptr_mut(0);
+    count(counters, |c| c.packets += 1);
+    arm_sweep();
+    let linear = ctx.data_end() - ctx.data();
+    if linear < TC_PULL as usize && ctx.len() as usize > linear {
+        let _ = ctx.pull_data(ctx.len().min(TC_PULL));
+    }
+    let _ = try_liveness(&ctx, counters);
+    TC_ACT_UNSPEC
+}
+
+/// A packet's bytes, whichever hook sees it.
+trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_at<T, C: Packet>(ctx: &C, offset: usize) -> Result<*const T, ()> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + size_of::<T>() > end {
         return Err(());
     }
@@ -95,8 +141,8 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
 }
 
 #[inline(always)]
-fn u16_at(ctx: &XdpContext, offset: usize) -> Result<u16, ()> {
-    let p = ptr_at::<[u8; 2]>(ctx, offset)?;
+fn u16_at<C: Packet>(ctx: &C, offset: usize) -> Result<u16, ()> {
+    let p = ptr_at::<[u8; 2], C>(ctx, offset)?;
     // SAFETY: bounds checked against data_end.
     Ok(u16::from_be_bytes(unsafe { *p }))
 }
@@ -155,7 +201,7 @@ struct L4 {
 }
 
 #[inline(always)]
-fn try_liveness(ctx: &XdpContext, counters: Option<*mut Counters>) -> Result<(), ()> {
+fn try_liveness<C: Packet>(ctx: &C, counters: Option<*mut Counters>) -> Result<(), ()> {
     let mut ethertype = u16_at(ctx, 12)?;
     let mut off = ETH_HLEN;
     // 802.1Q / 802.1ad: at most two tags (QinQ).
@@ -173,7 +219,7 @@ fn try_liveness(ctx: &XdpContext, counters: Option<*mut Counters>) -> Result<(),
         ETH_P_IPV6 => ipv6(ctx, off, &mut key)?,
         _ => return Err(()),
     };
-    let tcp = ptr_at::<TcpHdr>(ctx, l4.off)?;
+    let tcp = ptr_at::<TcpHdr, C>(ctx, l4.off)?;
     // SAFETY: bounds checked.
     let (doff_res, flags, sport, dport) = unsafe { ((*tcp).doff_res, (*tcp).flags, (*tcp).source, (*tcp).dest) };
     let doff = usize::from(doff_res >> 4) * 4;
@@ -181,7 +227,7 @@ fn try_liveness(ctx: &XdpContext, counters: Option<*mut Counters>) -> Result<(),
         return Err(());
     }
     // The whole TCP header (with options) must be in the packet.
-    ptr_at::<u8>(ctx, l4.off + doff - 1)?;
+    ptr_at::<u8, C>(ctx, l4.off + doff - 1)?;
     let ports = PORTS.get(0).ok_or(())?;
     if !ports.contains(u16::from_be_bytes(dport)) {
         return Err(());
@@ -202,8 +248,8 @@ fn try_liveness(ctx: &XdpContext, counters: Option<*mut Counters>) -> Result<(),
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Result<L4, ()> {
-    let ip = ptr_at::<Ipv4Hdr>(ctx, off)?;
+fn ipv4<C: Packet>(ctx: &C, off: usize, key: &mut FlowKey) -> Result<L4, ()> {
+    let ip = ptr_at::<Ipv4Hdr, C>(ctx, off)?;
     // SAFETY: bounds checked.
     let (vihl, tot_len, frag_off, protocol, saddr, daddr) =
         unsafe { ((*ip).version_ihl, (*ip).tot_len, (*ip).frag_off, (*ip).protocol, (*ip).saddr, (*ip).daddr) };
@@ -229,8 +275,8 @@ fn ipv4(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Result<L4, ()> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Result<L4, ()> {
-    let ip = ptr_at::<Ipv6Hdr>(ctx, off)?;
+fn ipv6<C: Packet>(ctx: &C, off: usize, key: &mut FlowKey) -> Result<L4, ()> {
+    let ip = ptr_at::<Ipv6Hdr, C>(ctx, off)?;
     // SAFETY: bounds checked.
     let (vtc, payload_len, mut next) = unsafe { ((*ip).vtc_flow[0], (*ip).payload_len, (*ip).nexthdr) };
     if vtc >> 4 != 6 {
@@ -248,7 +294,7 @@ fn ipv6(ctx: &XdpContext, off: usize, key: &mut FlowKey) -> Result<L4, ()> {
         if next == IPPROTO_TCP {
             break;
         }
-        let ext = ptr_at::<Ipv6Ext>(ctx, l4)?;
+        let ext = ptr_at::<Ipv6Ext, C>(ctx, l4)?;
         // SAFETY: bounds checked.
         let (nexthdr, hdrlen, frag_off) = unsafe { ((*ext).nexthdr, (*ext).hdrlen, (*ext).frag_off) };
         let size = match next {

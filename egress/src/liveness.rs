@@ -61,10 +61,8 @@ pub fn start(
             match loaded {
                 Ok(x) => {
                     let attached = x.attached().to_vec();
-                    let list: Vec<String> = attached
-                        .iter()
-                        .map(|a| format!("{} ({})", a.interface, if a.native { "native" } else { "generic" }))
-                        .collect();
+                    let list: Vec<String> =
+                        attached.iter().map(|a| format!("{} ({})", a.interface, a.mode.label())).collect();
                     let reason = format!("XDP attached to {} because {why}", list.join(", "));
                     tracing::info!(%reason, "liveness: xdp");
                     shared.kernel_liveness.store(true, std::sync::atomic::Ordering::Relaxed);

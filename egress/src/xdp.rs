@@ -7,19 +7,24 @@
 //! `idle_timeout` are removed and reported on a ring buffer, which [`Xdp::next_expired`]
 //! reads. User space therefore keeps no per-connection idle timer at all.
 //!
-//! The program never drops or changes a packet (it always returns XDP_PASS), so a fault in
-//! it can only cost liveness tracking, never traffic.
+//! Where the driver has no native XDP, the same tracking runs as a TC ingress program rather
+//! than as generic XDP, which copies every cloned or non-linear skb before it can run
+//! ([`AttachMode`]).
+//!
+//! The programs never drop or change a packet (XDP_PASS, TC_ACT_UNSPEC), so a fault in them
+//! can only cost liveness tracking, never traffic.
 //!
 //! [`crate::Egress::start`] chooses the mode (`auto` falls back to userspace with the reason
 //! logged) and runs the task that closes the connections of expired flows in either backend.
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::XdpLinkId;
-use aya::programs::{ProgramError, Xdp as XdpProgram, XdpMode};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp as XdpProgram, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions};
 use egress_common::{
     Config, Counters, ExpiredEvent, FlowKey, FlowValue, PortSet, FAMILY_V4, FAMILY_V6, MAP_CONFIG, MAP_COUNTERS,
-    MAP_EXPIRED, MAP_FLOWS, MAP_PORTS, PROGRAM_NAME,
+    MAP_EXPIRED, MAP_FLOWS, MAP_PORTS, PROGRAM_NAME, PROGRAM_NAME_TC,
 };
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -88,20 +93,47 @@ pub enum XdpUnavailable {
     ProgramLoad { reason: String, log: String },
     #[error("cannot create the eBPF map {map}: {reason}")]
     MapCreation { map: String, reason: String },
-    #[error("cannot attach XDP to interface {interface}: native mode refused ({native}) and generic mode refused too ({generic})")]
-    Attach { interface: String, native: String, generic: String },
+    #[error("cannot attach to interface {interface}: native XDP refused ({native}), TC ingress refused ({tc}) and generic XDP refused too ({generic})")]
+    Attach { interface: String, native: String, tc: String, generic: String },
     #[error("no network interface named {0}")]
     NoSuchInterface(String),
     #[error("cannot set up the XDP program: {0}")]
     Setup(String),
 }
 
-/// How the program is attached to one interface.
+/// How the tracking is attached to one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
     pub interface: String,
-    /// Native (driver) mode; otherwise generic (SKB) mode.
-    pub native: bool,
+    pub mode: AttachMode,
+}
+
+/// Where on an interface's receive path the tracking runs, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// XDP in the driver, before any skb exists: the cheapest.
+    Native,
+    /// The TC ingress program (tcx): for interfaces without native XDP. Generic XDP would copy
+    /// every cloned or non-linear skb (each TCP segment on loopback or a veth) to run at all.
+    Tc,
+    /// XDP in generic (SKB) mode: the last resort, when TC is refused too.
+    Generic,
+}
+
+impl AttachMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachMode::Native => "native",
+            AttachMode::Tc => "tc",
+            AttachMode::Generic => "generic",
+        }
+    }
+}
+
+/// One attachment's handle, for detaching.
+enum Link {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
 }
 
 /// A flow the kernel found idle (and removed from its table).
@@ -138,7 +170,7 @@ enum Ring {
 pub struct Xdp {
     ebpf: Ebpf,
     ring: Option<Ring>,
-    links: Vec<XdpLinkId>,
+    links: Vec<Link>,
     attached: Vec<Attachment>,
     capacity: u32,
     last_map_full: u64,
@@ -317,6 +349,12 @@ impl Xdp {
             .try_into()
             .map_err(program_error)?;
         program.load().map_err(program_error)?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM_NAME_TC)
+            .ok_or_else(|| XdpUnavailable::Setup(format!("the object has no program {PROGRAM_NAME_TC}")))?
+            .try_into()
+            .map_err(program_error)?;
+        tc.load().map_err(program_error)?;
 
         let config = Config {
             idle_timeout_ns: nanos(cfg.idle_timeout),
@@ -371,29 +409,49 @@ impl Xdp {
             .expect("the program was checked at load")
     }
 
-    /// Attaches to one more interface: native mode, else generic.
+    fn tc_mut(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(PROGRAM_NAME_TC)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .expect("the program was checked at load")
+    }
+
+    fn attached_as(&mut self, interface: &str, link: Link, mode: AttachMode) {
+        self.links.push(link);
+        self.attached.push(Attachment { interface: interface.to_owned(), mode });
+        tracing::info!(interface, mode = mode.label(), "XDP liveness attached");
+    }
+
+    /// Attaches to one more interface: native XDP, else TC ingress, else generic XDP.
     pub fn attach(&mut self, interface: &str) -> Result<(), XdpUnavailable> {
-        let program = self.program_mut();
-        let native = match program.attach(interface, XdpMode::Driver) {
+        let native = match self.program_mut().attach(interface, XdpMode::Driver) {
             Ok(link) => {
-                self.links.push(link);
-                self.attached.push(Attachment { interface: interface.to_owned(), native: true });
-                tracing::info!(interface, mode = "native", "XDP liveness attached");
+                self.attached_as(interface, Link::Xdp(link), AttachMode::Native);
                 return Ok(());
             }
             Err(ProgramError::UnknownInterface { name }) => return Err(XdpUnavailable::NoSuchInterface(name)),
-            Err(e) => e,
+            Err(e) => match program_error(e) {
+                XdpUnavailable::Permission(p) => return Err(XdpUnavailable::Permission(p)),
+                e => e.to_string(),
+            },
         };
-        let native = match program_error(native) {
-            XdpUnavailable::Permission(p) => return Err(XdpUnavailable::Permission(p)),
-            e => e.to_string(),
-        };
-        tracing::info!(interface, native_error = %native, "XDP native mode refused; trying generic mode");
-        match program.attach(interface, XdpMode::Skb) {
+        tracing::info!(interface, native_error = %native, "native XDP refused; attaching at TC ingress");
+        // Kernels before 6.6 have no tcx: the program then goes into a clsact qdisc.
+        let _ = aya::programs::tc::qdisc_add_clsact(interface);
+        let tc = match self.tc_mut().attach(interface, TcAttachType::Ingress) {
             Ok(link) => {
-                self.links.push(link);
-                self.attached.push(Attachment { interface: interface.to_owned(), native: false });
-                tracing::info!(interface, mode = "generic", "XDP liveness attached");
+                self.attached_as(interface, Link::Tc(link), AttachMode::Tc);
+                return Ok(());
+            }
+            Err(e) => match program_error(e) {
+                XdpUnavailable::Permission(p) => return Err(XdpUnavailable::Permission(p)),
+                e => e.to_string(),
+            },
+        };
+        tracing::info!(interface, tc_error = %tc, "TC ingress refused; trying generic XDP");
+        match self.program_mut().attach(interface, XdpMode::Skb) {
+            Ok(link) => {
+                self.attached_as(interface, Link::Xdp(link), AttachMode::Generic);
                 Ok(())
             }
             Err(e) => match program_error(e) {
@@ -401,6 +459,7 @@ impl Xdp {
                 generic => Err(XdpUnavailable::Attach {
                     interface: interface.to_owned(),
                     native,
+                    tc,
                     generic: generic.to_string(),
                 }),
             },
@@ -509,11 +568,13 @@ impl Xdp {
 
 impl Drop for Xdp {
     fn drop(&mut self) {
-        let links = std::mem::take(&mut self.links);
-        let program = self.program_mut();
-        for link in links {
-            if let Err(e) = program.detach(link) {
-                tracing::warn!(error = %e, "cannot detach XDP");
+        for link in std::mem::take(&mut self.links) {
+            let r = match link {
+                Link::Xdp(l) => self.program_mut().detach(l),
+                Link::Tc(l) => self.tc_mut().detach(l),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot detach the liveness program");
             }
         }
         // Unloading the program and closing the maps (when `ebpf` drops) cancels the timer.

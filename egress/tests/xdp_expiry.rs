@@ -7,7 +7,7 @@
 //! why and skips, except under CI (CI=true), where a missing object fails. Addresses live
 //! only inside the namespaces; the host's interfaces are not touched.
 
-use broflake_egress::xdp::{ExpiredFlow, Xdp, XdpConfig};
+use broflake_egress::xdp::{AttachMode, ExpiredFlow, Xdp, XdpConfig};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -255,16 +255,18 @@ async fn idle_flows_expire_and_busy_flows_do_not() {
     drop(ns);
 }
 
-/// Native mode is refused on a namespace's loopback; the program falls back to generic
-/// mode there. An unknown interface is reported by name.
+/// Native XDP is refused on a namespace's loopback; the tracking runs at TC ingress there
+/// instead of in generic XDP (which would copy every TCP segment), and it works: a flow with
+/// payload is recorded, and expires once idle. An unknown interface is reported by name.
 #[test]
-fn generic_fallback_and_unknown_interface() {
+fn loopback_falls_back_to_tc_ingress_which_tracks_and_expires_flows() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: {why}");
         return;
     }
     let ns = Namespaces::create();
-    let (lo, missing) = in_netns(&ns.server, || {
+    let (lo, recorded, expired, missing) = in_netns(&ns.server, || {
+        use std::io::{Read, Write};
         let cfg = |interfaces: Vec<String>| XdpConfig {
             ports: vec![PORT],
             idle_timeout: IDLE_TIMEOUT,
@@ -272,14 +274,31 @@ fn generic_fallback_and_unknown_interface() {
             interfaces,
             map_capacity: 64,
         };
-        let lo = Xdp::load(&cfg(vec!["lo".into()])).map(|x| x.attached().to_vec());
         let missing = Xdp::load(&cfg(vec!["bfx-nothing".into()])).err().map(|e| e.to_string());
-        (lo, missing)
+        let xdp = Xdp::load(&cfg(vec!["lo".into()])).unwrap_or_else(|e| panic!("attach to lo: {e}"));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", PORT)).expect("listen on lo");
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", PORT)).expect("connect on lo");
+        let (mut server, _) = listener.accept().expect("accept");
+        client.write_all(b"hello over lo").unwrap();
+        let mut buf = [0u8; 13];
+        server.read_exact(&mut buf).unwrap();
+        let wait = |what: &dyn Fn() -> bool, limit: Duration| {
+            let t = Instant::now();
+            while !what() && t.elapsed() < limit {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            what()
+        };
+        let recorded = wait(&|| xdp.flows() == 1, Duration::from_secs(2));
+        let expired = wait(&|| xdp.counters().flows_expired == 1, IDLE_TIMEOUT + SWEEP * 4);
+        eprintln!("counters on lo: {:?}", xdp.counters());
+        (xdp.attached().to_vec(), recorded, expired && xdp.flows() == 0, missing)
     });
-    let lo = lo.unwrap_or_else(|e| panic!("attach to lo: {e}"));
     eprintln!("lo: {lo:?}; unknown interface: {missing:?}");
     assert_eq!(lo.len(), 1);
-    assert!(!lo[0].native, "driver mode is refused on lo, generic mode is used");
+    assert_eq!(lo[0].mode, AttachMode::Tc, "driver mode is refused on lo, TC ingress is used");
+    assert!(recorded, "the client's payload segment recorded its flow at TC ingress");
+    assert!(expired, "the idle flow was expired by the sweep");
     assert_eq!(missing.as_deref(), Some("no network interface named bfx-nothing"));
     drop(ns);
 }

@@ -50,6 +50,9 @@ enum Cmd {
         /// Only the tunnel's cost per byte (both backends, both directions, QUIC and AES anchors).
         #[arg(long, conflicts_with = "webrtc")]
         tunnel: bool,
+        /// With --tunnel: also a perf profile of the io_uring egress during one more download.
+        #[arg(long, requires = "tunnel")]
+        profile: bool,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -101,7 +104,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { full, rows, webrtc, tunnel } => bench(full, rows, webrtc, tunnel),
+        Cmd::Bench { full, rows, webrtc, tunnel, profile } => bench(full, rows, webrtc, tunnel, profile),
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
             match (root, host) {
@@ -278,8 +281,11 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool) -> Result<()> {
+fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool, profile: bool) -> Result<()> {
     setup::apt(&[("curl", "curl"), ("turnserver", "coturn")])?;
+    if profile {
+        setup::apt(&[("perf", "linux-perf")])?;
+    }
     // The uring+xdp row needs the XDP program embedded in the egress.
     ebpf::ensure_toolchain()?;
     ebpf::build()?;
@@ -306,6 +312,9 @@ fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool) -> Result
     let mut args: Vec<String> = vec!["target/release/bench".into(), what.into()];
     if full {
         args.push("--full".into());
+    }
+    if profile {
+        args.push("--profile".into());
     }
     if let (Some(rows), "run") = (rows, what) {
         args.extend(["--rows".into(), rows]);

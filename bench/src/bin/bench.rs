@@ -47,6 +47,9 @@ enum Cmd {
         bin: PathBuf,
         #[arg(long)]
         full: bool,
+        /// Also profile the io_uring egress (perf) during one more download.
+        #[arg(long)]
+        profile: bool,
     },
     /// The QUIC anchor's server (started by the tunnel measurement).
     QuicSink,
@@ -65,11 +68,17 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
         Cmd::QuicSink => bench::quic_sink::serve(),
-        Cmd::Tunnel { out, bin, full } => {
+        Cmd::Tunnel { out, bin, full, profile } => {
             std::fs::create_dir_all(&out)?;
-            let r = bench::tunnel::run(&bin, &std::env::current_exe()?, tunnel_bytes(full))?;
+            let data = out.join("egress-uring-download.perf.data");
+            let r = bench::tunnel::run(&bin, &std::env::current_exe()?, tunnel_bytes(full), profile.then_some(&*data))?;
             std::fs::write(out.join("tunnel.json"), serde_json::to_string_pretty(&r)?)?;
-            let command = if full { "cargo xtask bench --tunnel --full" } else { "cargo xtask bench --tunnel" };
+            let command = format!(
+                "cargo xtask bench --tunnel{}{}",
+                if full { " --full" } else { "" },
+                if profile { " --profile" } else { "" }
+            );
+            let command = command.as_str();
             print!("{}", bench::tunnel::markdown(&r, command));
             Ok(())
         }
@@ -504,7 +513,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
     // the other sections alone).
     let (tunnel, webrtc) = if only.is_empty() {
         (
-            bench::tunnel::run(bin, &std::env::current_exe()?, tunnel_bytes(full))
+            bench::tunnel::run(bin, &std::env::current_exe()?, tunnel_bytes(full), None)
                 .map_err(|e| eprintln!("tunnel: {e:#}"))
                 .ok(),
             webrtc_section(bin, full).map_err(|e| eprintln!("webrtc: {e:#}")).ok(),
