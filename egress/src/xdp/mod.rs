@@ -18,10 +18,8 @@
 //! logged) and runs the task that closes the connections of expired flows in either backend.
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::xdp::XdpLinkId;
-use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp as XdpProgram, XdpMode};
-use aya::{Ebpf, EbpfError, EbpfLoader, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, Xdp as XdpProgram};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use egress_common::{
     Config, Counters, ExpiredEvent, FlowKey, FlowValue, PortSet, FAMILY_V4, FAMILY_V6, MAP_CONFIG, MAP_COUNTERS,
     MAP_EXPIRED, MAP_FLOWS, MAP_PORTS, PROGRAM_NAME, PROGRAM_NAME_TC,
@@ -30,6 +28,14 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
+
+mod attach;
+mod errors;
+
+use attach::Link;
+pub use attach::{AttachMode, Attachment};
+pub use errors::XdpUnavailable;
+use errors::{ebpf_error, map_error, program_error};
 
 /// Flows expired as idle, read from the ring buffer (a counter).
 pub const XDP_EXPIRED: &str = crate::metrics::XDP_EXPIRED;
@@ -76,64 +82,6 @@ impl XdpConfig {
             map_capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
         }
     }
-}
-
-/// Why kernel liveness is not available (each variant says what to do about it).
-#[derive(Debug, thiserror::Error)]
-pub enum XdpUnavailable {
-    #[error("the XDP program is not built into this binary (run `cargo xtask build-ebpf`, then rebuild the egress)")]
-    NotBuilt,
-    #[error("invalid XDP settings: {0}")]
-    InvalidConfig(String),
-    #[error("not permitted to load eBPF programs ({0}): run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")]
-    Permission(String),
-    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); the XDP program needs it")]
-    NoBtf,
-    #[error("the kernel refused the XDP program: {reason}; verifier log (last lines):\n{log}")]
-    ProgramLoad { reason: String, log: String },
-    #[error("cannot create the eBPF map {map}: {reason}")]
-    MapCreation { map: String, reason: String },
-    #[error("cannot attach to interface {interface}: native XDP refused ({native}), TC ingress refused ({tc}) and generic XDP refused too ({generic})")]
-    Attach { interface: String, native: String, tc: String, generic: String },
-    #[error("no network interface named {0}")]
-    NoSuchInterface(String),
-    #[error("cannot set up the XDP program: {0}")]
-    Setup(String),
-}
-
-/// How the tracking is attached to one interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attachment {
-    pub interface: String,
-    pub mode: AttachMode,
-}
-
-/// Where on an interface's receive path the tracking runs, in order of preference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachMode {
-    /// XDP in the driver, before any skb exists: the cheapest.
-    Native,
-    /// The TC ingress program (tcx): for interfaces without native XDP. Generic XDP would copy
-    /// every cloned or non-linear skb (each TCP segment on loopback or a veth) to run at all.
-    Tc,
-    /// XDP in generic (SKB) mode: the last resort, when TC is refused too.
-    Generic,
-}
-
-impl AttachMode {
-    pub fn label(self) -> &'static str {
-        match self {
-            AttachMode::Native => "native",
-            AttachMode::Tc => "tc",
-            AttachMode::Generic => "generic",
-        }
-    }
-}
-
-/// One attachment's handle, for detaching.
-enum Link {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
 }
 
 /// A flow the kernel found idle (and removed from its table).
@@ -195,65 +143,6 @@ fn object() -> Option<&'static [u8]> {
 /// Whether this binary carries the XDP program.
 pub fn is_built() -> bool {
     object().is_some()
-}
-
-fn is_eperm(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
-}
-
-/// The last lines of a verifier log (the error is at its end).
-fn trim_log(log: &str) -> String {
-    const LINES: usize = 30;
-    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(LINES);
-    let mut out = String::new();
-    if start > 0 {
-        out.push_str(&format!("… ({start} lines omitted)\n"));
-    }
-    out.push_str(&lines[start..].join("\n"));
-    out
-}
-
-fn program_error(e: ProgramError) -> XdpUnavailable {
-    match e {
-        ProgramError::LoadError { io_error, verifier_log } => {
-            if is_eperm(&io_error) {
-                XdpUnavailable::Permission(format!("program load: {io_error}"))
-            } else {
-                XdpUnavailable::ProgramLoad { reason: io_error.to_string(), log: trim_log(&verifier_log.to_string()) }
-            }
-        }
-        ProgramError::SyscallError(s) if is_eperm(&s.io_error) => {
-            XdpUnavailable::Permission(format!("{}: {}", s.call, s.io_error))
-        }
-        ProgramError::MapError(m) => map_error(m),
-        other => XdpUnavailable::Setup(other.to_string()),
-    }
-}
-
-fn map_error(e: aya::maps::MapError) -> XdpUnavailable {
-    match e {
-        aya::maps::MapError::CreateError { name, io_error } => {
-            if is_eperm(&io_error) {
-                XdpUnavailable::Permission(format!("creating map {name}: {io_error}"))
-            } else {
-                XdpUnavailable::MapCreation { map: name, reason: io_error.to_string() }
-            }
-        }
-        aya::maps::MapError::SyscallError(s) if is_eperm(&s.io_error) => {
-            XdpUnavailable::Permission(format!("{}: {}", s.call, s.io_error))
-        }
-        other => XdpUnavailable::Setup(other.to_string()),
-    }
-}
-
-fn ebpf_error(e: EbpfError) -> XdpUnavailable {
-    match e {
-        EbpfError::MapError(m) => map_error(m),
-        EbpfError::ProgramError(p) => program_error(p),
-        EbpfError::NoBTF => XdpUnavailable::NoBtf,
-        other => XdpUnavailable::Setup(other.to_string()),
-    }
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -409,63 +298,6 @@ impl Xdp {
             .expect("the program was checked at load")
     }
 
-    fn tc_mut(&mut self) -> &mut SchedClassifier {
-        self.ebpf
-            .program_mut(PROGRAM_NAME_TC)
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .expect("the program was checked at load")
-    }
-
-    fn attached_as(&mut self, interface: &str, link: Link, mode: AttachMode) {
-        self.links.push(link);
-        self.attached.push(Attachment { interface: interface.to_owned(), mode });
-        tracing::info!(interface, mode = mode.label(), "XDP liveness attached");
-    }
-
-    /// Attaches to one more interface: native XDP, else TC ingress, else generic XDP.
-    pub fn attach(&mut self, interface: &str) -> Result<(), XdpUnavailable> {
-        let native = match self.program_mut().attach(interface, XdpMode::Driver) {
-            Ok(link) => {
-                self.attached_as(interface, Link::Xdp(link), AttachMode::Native);
-                return Ok(());
-            }
-            Err(ProgramError::UnknownInterface { name }) => return Err(XdpUnavailable::NoSuchInterface(name)),
-            Err(e) => match program_error(e) {
-                XdpUnavailable::Permission(p) => return Err(XdpUnavailable::Permission(p)),
-                e => e.to_string(),
-            },
-        };
-        tracing::info!(interface, native_error = %native, "native XDP refused; attaching at TC ingress");
-        // Kernels before 6.6 have no tcx: the program then goes into a clsact qdisc.
-        let _ = aya::programs::tc::qdisc_add_clsact(interface);
-        let tc = match self.tc_mut().attach(interface, TcAttachType::Ingress) {
-            Ok(link) => {
-                self.attached_as(interface, Link::Tc(link), AttachMode::Tc);
-                return Ok(());
-            }
-            Err(e) => match program_error(e) {
-                XdpUnavailable::Permission(p) => return Err(XdpUnavailable::Permission(p)),
-                e => e.to_string(),
-            },
-        };
-        tracing::info!(interface, tc_error = %tc, "TC ingress refused; trying generic XDP");
-        match self.program_mut().attach(interface, XdpMode::Skb) {
-            Ok(link) => {
-                self.attached_as(interface, Link::Xdp(link), AttachMode::Generic);
-                Ok(())
-            }
-            Err(e) => match program_error(e) {
-                XdpUnavailable::Permission(p) => Err(XdpUnavailable::Permission(p)),
-                generic => Err(XdpUnavailable::Attach {
-                    interface: interface.to_owned(),
-                    native,
-                    tc,
-                    generic: generic.to_string(),
-                }),
-            },
-        }
-    }
-
     /// Where the program is attached, and how.
     pub fn attached(&self) -> &[Attachment] {
         &self.attached
@@ -563,21 +395,6 @@ impl Xdp {
             }
             guard.clear_ready();
         }
-    }
-}
-
-impl Drop for Xdp {
-    fn drop(&mut self) {
-        for link in std::mem::take(&mut self.links) {
-            let r = match link {
-                Link::Xdp(l) => self.program_mut().detach(l),
-                Link::Tc(l) => self.tc_mut().detach(l),
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "cannot detach the liveness program");
-            }
-        }
-        // Unloading the program and closing the maps (when `ebpf` drops) cancels the timer.
     }
 }
 
