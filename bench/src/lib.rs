@@ -7,6 +7,8 @@ pub mod procfs;
 pub mod profile;
 pub mod quic_sink;
 pub mod tunnel;
+pub mod wan;
+pub mod wan_link;
 pub mod webrtc;
 
 /// Child processes killed when dropped, so a failed measurement leaves nothing running.

@@ -52,7 +52,7 @@ pub struct QuicAnchor {
 }
 
 /// Reads `child`'s stderr until a line contains `needle`; returns that line.
-fn wait_stderr(child: &mut Child, needle: &str) -> Result<String> {
+pub(crate) fn wait_stderr(child: &mut Child, needle: &str) -> Result<String> {
     let stderr = child.stderr.take().context("stderr not piped")?;
     let mut lines = BufReader::new(stderr).lines();
     let found = loop {
@@ -70,12 +70,17 @@ fn wait_stderr(child: &mut Child, needle: &str) -> Result<String> {
 fn http_server(bytes: u64) -> Result<std::net::SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
+    serve_http(l, bytes);
+    Ok(addr)
+}
+
+/// Serves [`http_server`]'s answers on `l` (bound wherever, e.g. in another namespace).
+pub(crate) fn serve_http(l: std::net::TcpListener, bytes: u64) {
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             std::thread::spawn(move || serve_one(s, bytes));
         }
     });
-    Ok(addr)
 }
 
 fn serve_one(mut s: std::net::TcpStream, bytes: u64) {

@@ -53,6 +53,9 @@ enum Cmd {
         /// With --tunnel: also a perf profile of the io_uring egress during one more download.
         #[arg(long, requires = "tunnel")]
         profile: bool,
+        /// Only throughput under delay and loss (an emulated WAN link between relay and egress).
+        #[arg(long, conflicts_with_all = ["webrtc", "tunnel"])]
+        wan: bool,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -104,7 +107,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { full, rows, webrtc, tunnel, profile } => bench(full, rows, webrtc, tunnel, profile),
+        Cmd::Bench { full, rows, webrtc, tunnel, profile, wan } => bench(full, rows, webrtc, tunnel, profile, wan),
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
             match (root, host) {
@@ -281,7 +284,7 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool, profile: bool) -> Result<()> {
+fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool, profile: bool, wan: bool) -> Result<()> {
     setup::apt(&[("curl", "curl"), ("turnserver", "coturn")])?;
     if profile {
         setup::apt(&[("perf", "linux-perf")])?;
@@ -304,6 +307,8 @@ fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool, profile: 
     ]))?;
     let what = if webrtc {
         "webrtc"
+    } else if wan {
+        "wan"
     } else if tunnel {
         "tunnel"
     } else {

@@ -53,6 +53,15 @@ enum Cmd {
     },
     /// The QUIC anchor's server (started by the tunnel measurement).
     QuicSink,
+    /// Throughput under delay and loss, tunnel against plain TCP over the same path.
+    Wan {
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin: PathBuf,
+        #[arg(long)]
+        full: bool,
+    },
     /// Only the WebRTC hop and signaling measurements (also part of `run`).
     Webrtc {
         #[arg(long, default_value = "target/bench")]
@@ -68,6 +77,16 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
         Cmd::QuicSink => bench::quic_sink::serve(),
+        Cmd::Wan { out, bin, full } => {
+            std::fs::create_dir_all(&out)?;
+            // Per stream: enough for congestion control to leave slow start on every path.
+            let bytes = if full { 32 << 20 } else { 8 << 20 };
+            let rows = bench::wan::run(&bin, bytes)?;
+            std::fs::write(out.join("wan.json"), serde_json::to_string_pretty(&rows)?)?;
+            let command = if full { "cargo xtask bench --wan --full" } else { "cargo xtask bench --wan" };
+            print!("{}", bench::wan::markdown(&rows, command));
+            Ok(())
+        }
         Cmd::Tunnel { out, bin, full, profile } => {
             std::fs::create_dir_all(&out)?;
             let data = out.join("egress-uring-download.perf.data");
