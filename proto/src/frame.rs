@@ -472,6 +472,15 @@ pub fn encode_data(label: u64, packet: &[u8], out: &mut Vec<u8>) {
     Frame::Data { label, packet }.encode(0, out)
 }
 
+/// Appends only the header of a DATA frame (type, flags, length, label) for a packet of
+/// `packet_len` bytes, for callers that put the packet after it themselves.
+pub fn encode_data_header(label: u64, packet_len: usize, out: &mut Vec<u8>) {
+    varint::write(types::DATA, out);
+    out.push(0);
+    varint::write((varint::len(label) + packet_len) as u64, out);
+    varint::write(label, out);
+}
+
 /// One frame decoded from the front of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded<'a> {

@@ -108,6 +108,19 @@ mod tests {
     }
 
     #[test]
+    fn a_header_then_the_packet_is_the_frame() {
+        for (label, len) in [(0u64, 1usize), (63, 1350), (1 << 30, 16_372)] {
+            let packet = vec![7u8; len];
+            let mut whole = Vec::new();
+            encode_data(label, &packet, &mut whole);
+            let mut parts = Vec::new();
+            crate::frame::encode_data_header(label, len, &mut parts);
+            parts.extend_from_slice(&packet);
+            assert_eq!(parts, whole);
+        }
+    }
+
+    #[test]
     fn too_large_names_both_sizes() {
         let e = check_fits(0, 1500, 1500).unwrap_err();
         assert_eq!(e, DataRefused::TooLarge { size: 1505, max: 1500 });

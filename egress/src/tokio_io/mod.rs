@@ -256,6 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         loop {
             self.publish_deadline();
+            let mut single = None;
             let end: Option<WsClose> = tokio::select! {
                 _ = self.reg.handle.wake.notified() => self.on_deadline(),
                 _ = drain.changed() => {
@@ -268,11 +269,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Some(Err(e)) => Some(ws_error(e)?),
                 },
                 Some(first) = self.out_rx.recv() => {
-                    self.coalesce(first);
+                    single = self.coalesce(first);
                     None
                 }
             };
-            if !self.flush().await {
+            if !self.flush(single.take()).await {
                 return None;
             }
             if end.is_some() {
@@ -338,29 +339,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    fn coalesce(&mut self, first: Bytes) {
+    /// Gathers queued DATA frames into `tx`; returns a frame that is a message on its own.
+    fn coalesce(&mut self, first: Bytes) -> Option<Bytes> {
         // Several DATA frames may share one message, up to the client's frame limit.
         let limit = self.shared.session.max_frame_size as usize;
-        self.tx.extend_from_slice(&first);
         let mut n = 1;
-        while self.tx.len() < limit {
-            match self.out_rx.try_recv() {
-                Ok(p) => {
-                    self.tx.extend_from_slice(&p);
-                    n += 1;
+        let mut single = None;
+        if self.tx.is_empty() && first.len() + 8 > limit {
+            // Alone in its message anyway (a large packet): sent as it is, not copied.
+            single = Some(first);
+        } else {
+            self.tx.extend_from_slice(&first);
+            while self.tx.len() < limit {
+                match self.out_rx.try_recv() {
+                    Ok(p) => {
+                        self.tx.extend_from_slice(&p);
+                        n += 1;
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
         }
         metrics::counter!(m::FRAMES_SENT, "type" => "data").increment(n);
+        single
     }
 
     /// Sends what the session wrote, within the write timeout.
-    async fn flush(&mut self) -> bool {
-        if self.tx.is_empty() {
-            return true;
-        }
-        let msg = Message::Binary(Bytes::from(std::mem::take(&mut self.tx)));
+    async fn flush(&mut self, single: Option<Bytes>) -> bool {
+        let msg = match single {
+            Some(frame) => Message::Binary(frame),
+            None if self.tx.is_empty() => return true,
+            None => Message::Binary(Bytes::from(std::mem::take(&mut self.tx))),
+        };
         let len = msg.len() as u64;
         match tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await {
             Ok(Ok(())) => {
