@@ -59,7 +59,12 @@ pub struct Server {
     ready: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Client connections still open (each flushes and closes when `stop` is sent).
+    live: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// How long shutting down waits for clients to write what is queued for them and close.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Binds and starts serving. Must run inside a tokio runtime.
@@ -81,7 +86,8 @@ impl Server {
         let clock = std::time::Instant::now();
         tasks.spawn(run_hub(hub, hub_rx, clock, config.limits.send_queue));
         let cfg = Arc::new(config.clone());
-        tasks.spawn(accept_loop(listener, cfg, hub_tx.clone(), stop_rx));
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tasks.spawn(accept_loop(listener, cfg, hub_tx.clone(), stop_rx, live.clone()));
         let readiness = Arc::new(broflake_ops::Readiness::default());
         readiness.flag("listening", true);
         let ready = readiness.flag("not draining", true);
@@ -92,7 +98,7 @@ impl Server {
             let handle = broflake_ops::recorder(m::describe);
             tasks.spawn(broflake_ops::serve_admin(l, handle, readiness, || {}, Arc::new(|_, _| None)));
         }
-        Ok(Server { addr, admin_addr, hub: hub_tx, ready, stop, tasks })
+        Ok(Server { addr, admin_addr, hub: hub_tx, ready, stop, tasks, live })
     }
 
     /// `ws://ADDR/v1/signal`.
@@ -126,9 +132,14 @@ impl Server {
         self.shutdown().await;
     }
 
-    /// Stops everything now (client connections are dropped).
+    /// Stops: every client connection writes what is queued for it (a GOAWAY sent just before)
+    /// and closes with 1001, for at most [`CLOSE_GRACE`]; then everything else stops.
     pub async fn shutdown(&mut self) {
         let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        while self.live.load(std::sync::atomic::Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }
@@ -227,6 +238,7 @@ async fn accept_loop(
     cfg: Arc<Config>,
     hub: mpsc::Sender<HubIn>,
     mut stop: watch::Receiver<bool>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -242,11 +254,13 @@ async fn accept_loop(
         };
         metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
         let _ = stream.set_nodelay(true);
-        let (cfg, hub) = (cfg.clone(), hub.clone());
+        let (cfg, hub, stop, live) = (cfg.clone(), hub.clone(), stop.clone(), live.clone());
+        live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::spawn(async move {
-            if let Err(e) = client(stream, peer, cfg, hub).await {
+            if let Err(e) = client(stream, peer, cfg, hub, stop).await {
                 tracing::debug!(%peer, error = %e, "signaling client ended");
             }
+            live.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
     }
 }
@@ -286,7 +300,13 @@ fn check_upgrade(req: &Request, mut resp: Response) -> Result<Response, ErrorRes
     Ok(resp)
 }
 
-async fn client(stream: TcpStream, peer: SocketAddr, cfg: Arc<Config>, hub: mpsc::Sender<HubIn>) -> Result<()> {
+async fn client(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: Arc<Config>,
+    hub: mpsc::Sender<HubIn>,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
     let (reply, rx) = oneshot::channel();
     hub.send(HubIn::Connect { ip: peer.ip().to_canonical(), reply }).await?;
     let (id, mut out) = match rx.await? {
@@ -300,7 +320,7 @@ async fn client(stream: TcpStream, peer: SocketAddr, cfg: Arc<Config>, hub: mpsc
             return Ok(()); // dropping the stream closes it
         }
     };
-    let r = serve_client(stream, id, &cfg, &hub, &mut out).await;
+    let r = serve_client(stream, id, &cfg, &hub, &mut out, stop).await;
     let _ = hub.send(HubIn::Disconnect { id }).await;
     r
 }
@@ -311,6 +331,7 @@ async fn serve_client(
     cfg: &Config,
     hub: &mpsc::Sender<HubIn>,
     out: &mut mpsc::Receiver<ToClient>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check_upgrade, Some(ws_config()));
     let mut ws = match tokio::time::timeout(cfg.timeouts.hello, upgrade).await {
@@ -326,6 +347,18 @@ async fn serve_client(
     };
     loop {
         tokio::select! {
+            _ = stop.changed() => {
+                // Shutting down: what the hub queued (a GOAWAY) first, then a close frame.
+                let flush = async {
+                    while let Ok(ToClient::Send(json)) = out.try_recv() {
+                        ws.send(Message::text(json)).await?;
+                    }
+                    let reason = "signaling service shutting down";
+                    ws.close(Some(CloseFrame { code: CloseCode::Away, reason: reason.into() })).await
+                };
+                let _ = tokio::time::timeout(CLOSE_GRACE, flush).await;
+                return Ok(());
+            }
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
                     hub.send(HubIn::Message { id, text: t.as_str().to_owned() }).await?;

@@ -155,3 +155,49 @@ async fn admin_endpoints_answer_and_sigterm_drains() {
     assert!(took < Duration::from_secs(10), "exited when the last session was done, not at the grace: {took:?}");
     drop((volunteer, request));
 }
+
+/// With no session in progress the service exits at once on SIGTERM, and still every volunteer
+/// hears GOAWAY first and then a WebSocket close, rather than a dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_no_session_in_progress_still_tells_every_volunteer() {
+    const VOLUNTEERS: usize = 20;
+    let mut child = signal()
+        .args(["--listen", "127.0.0.1:0", "--admin", "off", "--log", "info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let service = Service(child);
+    let url = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("signaling on ").map(str::to_string))
+        .expect("the service prints its URL");
+    let mut volunteers = Vec::new();
+    for _ in 0..VOLUNTEERS {
+        let conn = SignalConn::connect(&url, None, Duration::from_secs(5)).await.expect("connect");
+        volunteers.push(Volunteer::register(conn, 1).await.expect("register"));
+    }
+    let pid = service.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    for (i, v) in volunteers.iter_mut().enumerate() {
+        let ev = tokio::time::timeout(Duration::from_secs(5), v.events.recv()).await.expect("an event in time");
+        assert!(matches!(ev, Some(VolunteerEvent::Goaway { .. })), "volunteer {i}: {ev:?}");
+        let ev = tokio::time::timeout(Duration::from_secs(5), v.events.recv()).await.expect("the close in time");
+        // A WebSocket close (1001), not a connection dropped mid-stream.
+        assert!(
+            matches!(&ev, Some(VolunteerEvent::Closed { reason }) if reason == "closed by the service"),
+            "volunteer {i}: {ev:?}"
+        );
+    }
+    let mut service = service;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = service.0.wait().unwrap();
+        drop(service);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+}
