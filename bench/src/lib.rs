@@ -2,6 +2,7 @@
 //! handshake bytes, a few hundred bytes per connection — it must not be the bottleneck) and
 //! process measurements (RSS, CPU, context switches, slab objects).
 
+pub mod chain;
 pub mod loadgen;
 pub mod procfs;
 pub mod profile;

@@ -3,6 +3,7 @@
 //! next to two anchors measured in the same run: quinn over plain loopback UDP with the tunnel's
 //! QUIC settings (what QUIC itself costs here) and AES-128-GCM in this process (the crypto floor).
 
+use crate::chain::{Chain, Spec};
 use crate::procfs::{cpu_times, CpuTimes};
 use crate::Procs;
 use anyhow::{Context, Result};
@@ -198,49 +199,17 @@ fn through_tunnel(
     plain: &TunnelResults,
     profile: Option<&Path>,
 ) -> Result<(Vec<TunnelRow>, Vec<crate::profile::Frame>)> {
-    let dir = std::env::temp_dir().join(format!("broflake-bench-tunnel-{backend}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cfg = dir.join("egress.toml");
-    std::fs::write(&cfg, "[proxy]\nallow = [\"127.0.0.0/8\"]\n")?;
-    let mut procs = Procs(Vec::new());
-    let mut egress = Command::new(bin.join("egress"))
-        .args(["--ws", "127.0.0.1:0", "--no-wss", "--admin", "off", "--backend", backend])
-        .args(["--log", "warn,egress=info,broflake_egress=info", "--config"])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let line = wait_stderr(&mut egress, "listening on ws://")?;
-    let addr: std::net::SocketAddr = line.rsplit("ws://").next().unwrap_or_default().trim().parse()?;
-    // The start-up summary comes first; the certificate line ends it.
-    let fp = BufReader::new(egress.stdout.take().context("stdout")?)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("certificate sha256 ").map(str::to_owned))
-        .context("the egress did not print its certificate")?;
-    let egress_pid = egress.id();
-    procs.0.push(egress);
-    let relay_port = addr.port() + 1000;
-    let mut relay = Command::new(bin.join("broflake"))
-        .args(["--log", "warn", "relay", "--upstream", &format!("ws://{addr}/broflake"), "--pool", "1"])
-        .args(["--listen", &format!("127.0.0.1:{relay_port}")])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_stderr(&mut relay, "relay listening")?;
-    let relay_pid = relay.id();
-    procs.0.push(relay);
-    let socks_port = relay_port + 1;
-    let mut consumer = Command::new(bin.join("broflake"))
-        .args(["--log", "warn", "consumer", "--relay", &format!("ws://127.0.0.1:{relay_port}/broflake")])
-        .args(["--egress-cert-sha256", &fp, "--socks", &format!("127.0.0.1:{socks_port}")])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_stderr(&mut consumer, "socks5 listening")?;
-    let consumer_pid = consumer.id();
-    procs.0.push(consumer);
-    let proxy = format!("socks5h://127.0.0.1:{socks_port}");
+    let chain = Chain::start(&Spec {
+        bin,
+        tag: &format!("tunnel-{backend}"),
+        egress_ip: "127.0.0.1",
+        allow: "127.0.0.0/8",
+        backend: Some(backend),
+        egress_ns: None,
+        user_ns: None,
+    })?;
+    let (egress_pid, relay_pid, consumer_pid) = (chain.egress_pid, chain.relay_pid, chain.consumer_pid);
+    let proxy = chain.proxy.clone();
     // A first small transfer opens the QUIC connection, so the rows measure bytes, not set-up.
     curl_path(http, Some(&proxy), None, "/1")?;
     let mut rows = Vec::new();
@@ -272,7 +241,7 @@ fn through_tunnel(
         }
         None => Vec::new(),
     };
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(chain);
     Ok((rows, frames))
 }
 

@@ -6,16 +6,14 @@
 //! condition, one stream and eight parallel streams, plain (curl straight to the origin across the
 //! link) and through the tunnel (curl → consumer → relay → link → egress → origin).
 
-use crate::tunnel::{serve_http, wait_stderr};
+use crate::chain::{command, Chain, Spec};
+use crate::tunnel::serve_http;
 use crate::wan_link::{End, WanLink};
-use crate::Procs;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 const NS_EGRESS: &str = "bfb-wan-e";
@@ -122,18 +120,12 @@ fn listen_in(ns: &str, addr: &str) -> Result<std::net::TcpListener> {
     .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
 }
 
-fn in_ns(ns: &str, program: &Path) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(program);
-    c
-}
-
 /// `streams` parallel curl downloads in the user namespace; MB/s over all of them.
 fn download(url: &str, proxy: Option<&str>, streams: usize, bytes: u64) -> Result<f64> {
     let t = Instant::now();
     let mut running = Vec::new();
     for _ in 0..streams {
-        let mut c = in_ns(NS_USER, Path::new("curl"));
+        let mut c = command(Some(NS_USER), Path::new("curl"));
         c.args(["--silent", "--fail", "--output", "/dev/null", "--max-time", "900"]);
         if let Some(p) = proxy {
             c.args(["--proxy", p]);
@@ -156,53 +148,16 @@ pub fn run(bin: &Path, bytes: u64) -> Result<Vec<WanRow>> {
     let url = format!("http://{}/", origin.local_addr()?);
     serve_http(origin, bytes);
 
-    let dir = std::env::temp_dir().join(format!("broflake-bench-netem-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cfg = dir.join("egress.toml");
-    std::fs::write(&cfg, format!("[proxy]\nallow = [\"{IP_EGRESS}/32\"]\n"))?;
-    let mut procs = Procs(Vec::new());
-    let mut egress = in_ns(NS_EGRESS, &bin.join("egress"))
-        .args([
-            "--ws",
-            &format!("{IP_EGRESS}:0"),
-            "--no-wss",
-            "--admin",
-            "off",
-            "--log",
-            "warn,egress=info,broflake_egress=info",
-        ])
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let line = wait_stderr(&mut egress, "listening on ws://")?;
-    let ws: SocketAddr = line.rsplit("ws://").next().unwrap_or_default().trim().parse()?;
-    let fp = BufReader::new(egress.stdout.take().context("stdout")?)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("certificate sha256 ").map(str::to_owned))
-        .context("the egress did not print its certificate")?;
-    procs.0.push(egress);
-    let relay_port = 24_000;
-    let mut relay = in_ns(NS_USER, &bin.join("broflake"))
-        .args(["--log", "warn", "relay", "--upstream", &format!("ws://{ws}/broflake"), "--pool", "1"])
-        .args(["--listen", &format!("127.0.0.1:{relay_port}")])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_stderr(&mut relay, "relay listening")?;
-    procs.0.push(relay);
-    let socks_port = relay_port + 1;
-    let mut consumer = in_ns(NS_USER, &bin.join("broflake"))
-        .args(["--log", "warn", "consumer", "--relay", &format!("ws://127.0.0.1:{relay_port}/broflake")])
-        .args(["--egress-cert-sha256", &fp, "--socks", &format!("127.0.0.1:{socks_port}")])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_stderr(&mut consumer, "socks5 listening")?;
-    procs.0.push(consumer);
-    let proxy = format!("socks5h://127.0.0.1:{socks_port}");
+    let chain = Chain::start(&Spec {
+        bin,
+        tag: "wan",
+        egress_ip: IP_EGRESS,
+        allow: &format!("{IP_EGRESS}/32"),
+        backend: None,
+        egress_ns: Some(NS_EGRESS),
+        user_ns: Some(NS_USER),
+    })?;
+    let proxy = chain.proxy.clone();
     // The tunnel's QUIC connection is opened once, as a consumer keeps it: the rows measure
     // transfers, not its handshake. Plain TCP opens a connection per transfer, as curl does.
     net.shape(CONDITIONS[0]);
@@ -221,8 +176,7 @@ pub fn run(bin: &Path, bytes: u64) -> Result<Vec<WanRow>> {
             rows.push(WanRow { condition: c, streams, bytes, plain_mb_per_s: plain, tunnel_mb_per_s: tunnel });
         }
     }
-    drop(procs);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(chain);
     Ok(rows)
 }
 

@@ -28,6 +28,32 @@ impl Drop for Service {
     }
 }
 
+/// Starts the service with `args` (stdout piped, for the URL it prints); the process and the URL.
+fn start(args: &[&str], stderr: Stdio) -> (Service, String) {
+    let mut child = signal().args(args).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let service = Service(child);
+    // The URL on stdout (for scripts).
+    let url = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("signaling on ").map(str::to_string))
+        .expect("the service prints its URL");
+    (service, url)
+}
+
+/// Waits for the service to exit; its status.
+async fn exit_status(service: Service) -> std::process::ExitStatus {
+    let mut service = service;
+    tokio::task::spawn_blocking(move || {
+        let s = service.0.wait().unwrap();
+        drop(service);
+        s
+    })
+    .await
+    .unwrap()
+}
+
 /// `GET path` on the admin listener: (status code, body).
 fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -75,22 +101,10 @@ async fn admin_endpoints_answer_and_sigterm_drains() {
     let dir = temp_dir("drain");
     let config = dir.join("signal.toml");
     std::fs::write(&config, "[drain]\ngrace = \"20s\"\n").unwrap();
-    let mut child = signal()
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log", "info", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let service = Service(child);
-    // The URL on stdout (for scripts), the admin address in the log.
-    let url = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("signaling on ").map(str::to_string))
-        .expect("the service prints its URL");
+    let cfg = config.to_str().unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log", "info", "--config", cfg];
+    let (mut service, url) = start(&args, Stdio::piped());
+    let stderr = service.0.stderr.take().unwrap();
     let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -142,14 +156,7 @@ async fn admin_endpoints_answer_and_sigterm_drains() {
     // The session goes on through the drain; once it is done the service exits, well before the
     // grace is over, with status 0.
     volunteer.handle.done(request.session).await;
-    let mut service = service;
-    let status = tokio::task::spawn_blocking(move || {
-        let s = service.0.wait().unwrap();
-        drop(service);
-        s
-    })
-    .await
-    .unwrap();
+    let status = exit_status(service).await;
     assert!(status.success(), "{status}");
     let took = t.elapsed();
     assert!(took < Duration::from_secs(10), "exited when the last session was done, not at the grace: {took:?}");
@@ -161,19 +168,7 @@ async fn admin_endpoints_answer_and_sigterm_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_no_session_in_progress_still_tells_every_volunteer() {
     const VOLUNTEERS: usize = 20;
-    let mut child = signal()
-        .args(["--listen", "127.0.0.1:0", "--admin", "off", "--log", "info"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let service = Service(child);
-    let url = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("signaling on ").map(str::to_string))
-        .expect("the service prints its URL");
+    let (service, url) = start(&["--listen", "127.0.0.1:0", "--admin", "off", "--log", "info"], Stdio::inherit());
     let mut volunteers = Vec::new();
     for _ in 0..VOLUNTEERS {
         let conn = SignalConn::connect(&url, None, Duration::from_secs(5)).await.expect("connect");
@@ -191,13 +186,6 @@ async fn sigterm_with_no_session_in_progress_still_tells_every_volunteer() {
             "volunteer {i}: {ev:?}"
         );
     }
-    let mut service = service;
-    let status = tokio::task::spawn_blocking(move || {
-        let s = service.0.wait().unwrap();
-        drop(service);
-        s
-    })
-    .await
-    .unwrap();
+    let status = exit_status(service).await;
     assert!(status.success(), "{status}");
 }
