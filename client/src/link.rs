@@ -423,11 +423,8 @@ impl Driver {
     /// Writes one DATA frame; 1 if written, 0 if dropped. On a data channel only base-size
     /// packets travel (one SCTP chunk each, PROTOCOL.md §17.5).
     fn send_data(&mut self, label: u64, packet: &[u8]) -> u64 {
-        let max = if self.pipe.as_ref().is_some_and(Pipe::coalesces_data) {
-            self.session.max_frame_size()
-        } else {
-            broflake_proto::packet_size::DATA_CHANNEL_MAX_FRAME.min(self.session.max_frame_size())
-        };
+        let limit = self.session.max_frame_size();
+        let max = self.pipe.as_ref().map_or(limit, |p| p.max_data_frame(limit));
         let r = broflake_proto::packet_size::check_fits(label, packet.len(), max)
             .and_then(|()| self.session.send_data(label, packet, &mut self.tx));
         match r {

@@ -49,6 +49,16 @@ impl Pipe {
         matches!(self, Pipe::Ws(_))
     }
 
+    /// The largest DATA frame this hop carries, given the session's frame limit: on a data
+    /// channel one base-size packet (PROTOCOL.md §14.4, §17.5).
+    pub fn max_data_frame(&self, frame_limit: usize) -> usize {
+        if self.coalesces_data() {
+            frame_limit
+        } else {
+            broflake_proto::packet_size::DATA_CHANNEL_MAX_FRAME.min(frame_limit)
+        }
+    }
+
     /// Sends one message; `data_only` says it holds DATA frames only (the DataChannel pair
     /// sends those unreliably and drops them, like datagrams, when it is backed up).
     pub async fn send(&mut self, msg: Bytes, data_only: bool) -> Result<(), String> {

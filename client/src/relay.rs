@@ -479,13 +479,7 @@ pub(crate) async fn serve_downstream(
     let mut tx = Vec::new();
     // Several packets per message over WebSocket; one per message on a DataChannel.
     let coalesce = if pipe.coalesces_data() { cfg.max_frame_size as usize } else { 0 };
-    // What one DATA frame may take on this hop: the frame limit we announced, and on a data
-    // channel one base-size packet (PROTOCOL.md §14.4, §17.5).
-    let max_frame = if pipe.coalesces_data() {
-        cfg.max_frame_size as usize
-    } else {
-        broflake_proto::packet_size::DATA_CHANNEL_MAX_FRAME.min(cfg.max_frame_size as usize)
-    };
+    let max_frame = pipe.max_data_frame(cfg.max_frame_size as usize);
     let send_data = |session: &ServerSession, label: u64, packet: &[u8], tx: &mut Vec<u8>| {
         let r = broflake_proto::packet_size::check_fits(label, packet.len(), max_frame)
             .and_then(|()| session.send_data(&cfg, label, packet, tx));

@@ -345,8 +345,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let limit = self.shared.session.max_frame_size as usize;
         let mut n = 1;
         let mut single = None;
-        if self.tx.is_empty() && first.len() + 8 > limit {
-            // Alone in its message anyway (a large packet): sent as it is, not copied.
+        // Even the smallest DATA frame would not fit beside it: alone in its message anyway (a
+        // large packet), so sent as it is, not copied.
+        let smallest = broflake_proto::packet_size::data_frame_size(0, 1);
+        if self.tx.is_empty() && first.len() + smallest > limit {
             single = Some(first);
         } else {
             self.tx.extend_from_slice(&first);
