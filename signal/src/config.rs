@@ -74,8 +74,16 @@ pub struct Timeouts {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Store {
-    /// `memory` (one process). Shared state for several replicas is a later addition.
+    /// `memory`: this process alone. `redis`: one of several replicas sharing waiting
+    /// volunteers and pending matches in Redis at `url` (docs/SIGNALING.md §9).
     pub kind: String,
+    /// `redis://HOST:PORT/DB` (`rediss://` for TLS is not built in).
+    pub url: String,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub prefix: String,
+    /// This replica's id (letters, digits, `-`, `_`); empty: a random one at start. Give
+    /// each replica its own (e.g. the pod name).
+    pub replica: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,7 +148,12 @@ impl Default for Timeouts {
 
 impl Default for Store {
     fn default() -> Self {
-        Store { kind: "memory".into() }
+        Store {
+            kind: "memory".into(),
+            url: "redis://127.0.0.1:6379/".into(),
+            prefix: "broflake:".into(),
+            replica: String::new(),
+        }
     }
 }
 
@@ -203,8 +216,23 @@ impl Config {
                 "limits: max_attempts, max_slots_per_volunteer, consumer_burst and consumer_per_sec must be at least 1"
             );
         }
-        if self.store.kind != "memory" {
-            bail!("store.kind must be \"memory\" (got {:?})", self.store.kind);
+        match self.store.kind.as_str() {
+            "memory" => {}
+            "redis" => {
+                if !self.store.url.starts_with("redis://") {
+                    bail!("store.url must be a redis:// URL (got {:?})", self.store.url);
+                }
+                if !self.store.replica.is_empty() && !crate::shared::valid_replica_id(&self.store.replica) {
+                    bail!(
+                        "store.replica: letters, digits, '-' and '_' only, at most 64 (got {:?})",
+                        self.store.replica
+                    );
+                }
+                if self.store.prefix.contains(char::is_whitespace) {
+                    bail!("store.prefix must not contain spaces");
+                }
+            }
+            other => bail!("store.kind must be \"memory\" or \"redis\" (got {other:?})"),
         }
         for s in &self.ice_servers {
             if s.urls.is_empty() {

@@ -5,8 +5,11 @@
 //! States and timeouts are specified in docs/SIGNALING.md §4–§5.
 
 use crate::msg::{self, Candidate, ErrorCode, Incoming, MsgError, Outgoing, SessionId};
+use crate::shared::{FromVolunteer, StoreOp, ToVolunteer, VolunteerRef};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::IpAddr;
+
+mod replicas;
 
 pub type ClientId = u64;
 
@@ -98,8 +101,17 @@ struct Client {
     closing: bool,
 }
 
+/// A session's volunteer: a client here, or one at another replica (shared store only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Vol {
+    Local(ClientId),
+    Remote(VolunteerRef),
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum SessionState {
+    /// Waiting for the store to pick a volunteer (shared store only).
+    Picking,
     /// The offer went to `volunteer`; waiting for its answer.
     Offered,
     /// The answer went to the consumer; candidates flow until done or expiry.
@@ -109,13 +121,15 @@ enum SessionState {
 #[derive(Debug)]
 struct Session {
     consumer: ClientId,
-    volunteer: ClientId,
+    volunteer: Vol,
     state: SessionState,
     offer: String,
     /// The consumer's candidates so far (replayed to the next volunteer after a decline).
     consumer_candidates: Vec<Candidate>,
     volunteer_candidates: u32,
-    tried: Vec<ClientId>,
+    tried: Vec<Vol>,
+    /// Why the last volunteer did not take it (told to the consumer if none is left).
+    why: &'static str,
     expires: u64,
     answer_by: u64,
 }
@@ -162,7 +176,15 @@ pub struct Hub {
     draining: bool,
     volunteers: usize,
     free_slots: u64,
+    /// Shared mode: this replica's id, and what the store is asked to do.
+    shared: Option<Shared>,
     pub stats: HubStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    replica: String,
+    ops: VecDeque<StoreOp>,
 }
 
 impl Hub {
@@ -181,8 +203,18 @@ impl Hub {
             draining: false,
             volunteers: 0,
             free_slots: 0,
+            shared: None,
             stats: HubStats::default(),
         }
+    }
+
+    /// A hub that is one replica of several sharing a store (`replica`: this one's id, see
+    /// [`crate::shared::valid_replica_id`]): volunteers are picked and sessions recorded
+    /// through [`StoreOp`]s, taken with [`Hub::poll_store`].
+    pub fn shared(cfg: HubConfig, seed: [u8; 32], replica: String) -> Hub {
+        let mut h = Hub::new(cfg, seed);
+        h.shared = Some(Shared { replica, ops: VecDeque::new() });
+        h
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -259,26 +291,23 @@ impl Hub {
         match c.role {
             Role::Pending => {}
             Role::Consumer { session } => {
-                if let Some(s) = session.and_then(|sid| self.sessions.remove(&sid).map(|s| (sid, s))) {
-                    if s.1.state == SessionState::Offered {
-                        self.send(s.1.volunteer, Outgoing::Cancel { session: s.0, reason: "consumer left".into() });
-                        self.give_back_slot(s.1.volunteer);
+                if let Some(sid) = session {
+                    if let Some(s) = self.remove_session(sid) {
+                        if s.state == SessionState::Offered {
+                            self.send_volunteer(
+                                &s.volunteer,
+                                ToVolunteer::Cancel { session: sid, reason: "consumer left".into() },
+                            );
+                            self.give_back_slot(&s.volunteer);
+                        }
                     }
                 }
             }
             Role::Volunteer { free, .. } => {
                 self.volunteers -= 1;
                 self.free_slots -= u64::from(free);
-                let orphans: Vec<SessionId> =
-                    self.sessions.iter().filter(|(_, s)| s.volunteer == id).map(|(sid, _)| *sid).collect();
-                for sid in orphans {
-                    let offered = self.sessions.get(&sid).is_some_and(|s| s.state == SessionState::Offered);
-                    if offered {
-                        self.reoffer(now, sid, "volunteer left");
-                    } else if let Some(s) = self.sessions.remove(&sid) {
-                        self.end_consumer(s.consumer, sid, "volunteer left");
-                    }
-                }
+                self.store(StoreOp::VolunteerGone { client: id });
+                self.volunteer_gone(now, &Vol::Local(id));
             }
         }
     }
@@ -331,22 +360,23 @@ impl Hub {
                     if late {
                         self.stats.answer_timeouts += 1;
                         metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "answer_timeout").increment(1);
-                        let v = self.sessions[&sid].volunteer;
-                        self.send(v, Outgoing::Cancel { session: sid, reason: "answer too late".into() });
-                        self.give_back_slot(v);
+                        let v = self.sessions[&sid].volunteer.clone();
+                        self.send_volunteer(&v, ToVolunteer::Cancel { session: sid, reason: "answer too late".into() });
+                        self.give_back_slot(&v);
                         self.reoffer(now, sid, "volunteer did not answer");
                     }
                 }
                 Timer::Expire(sid) => {
                     if self.sessions.get(&sid).is_some_and(|s| s.expires <= now) {
-                        let s = self.sessions.remove(&sid).expect("checked");
+                        let s = self.remove_session(sid).expect("checked");
                         self.stats.sessions_expired += 1;
                         if s.state == SessionState::Offered {
                             metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "expired").increment(1);
-                        }
-                        if s.state == SessionState::Offered {
-                            self.send(s.volunteer, Outgoing::Cancel { session: sid, reason: "session expired".into() });
-                            self.give_back_slot(s.volunteer);
+                            self.send_volunteer(
+                                &s.volunteer,
+                                ToVolunteer::Cancel { session: sid, reason: "session expired".into() },
+                            );
+                            self.give_back_slot(&s.volunteer);
                         }
                         self.end_consumer(s.consumer, sid, "session expired");
                     }
@@ -417,7 +447,7 @@ impl Hub {
             Incoming::Ping => self.send(id, Outgoing::Pong),
             Incoming::Unknown(_) => self.stats.unknown_types += 1,
             Incoming::Volunteer { versions, slots } if pending => {
-                let Some(version) = msg::negotiate(&versions) else {
+                let Some(_version) = msg::negotiate(&versions) else {
                     return self.fail(id, ErrorCode::UnsupportedVersion, "this service speaks version 1");
                 };
                 if self.draining {
@@ -431,15 +461,12 @@ impl Hub {
                 self.clients.get_mut(&id).expect("exists").role = Role::Volunteer { free: 0, queued: false };
                 self.volunteers += 1;
                 self.set_free(id, free);
-                self.send(
-                    id,
-                    Outgoing::Registered {
-                        version,
-                        id: format!("v{id}"),
-                        ping_ms: self.cfg.ping_interval,
-                        idle_ms: self.cfg.idle_timeout,
-                    },
-                );
+                match &mut self.shared {
+                    // Registered once the store has the slots: from then on any replica can
+                    // match it.
+                    Some(sh) => sh.ops.push_back(StoreOp::Registered { client: id }),
+                    None => self.send_registered(id, format!("v{id}")),
+                }
                 self.timer(now + self.cfg.idle_timeout, Timer::Idle(id));
             }
             Incoming::Consumer { versions, offer } if pending => self.on_consumer(now, id, &versions, offer),
@@ -454,22 +481,84 @@ impl Hub {
                 let free = free.min(self.cfg.max_slots_per_volunteer);
                 self.set_free(id, free);
             }
-            Incoming::Answer { session, sdp } => {
+            Incoming::Answer { session, sdp } => self.volunteer_says(now, id, session, FromVolunteer::Answer { sdp }),
+            Incoming::Decline { session, .. } => self.volunteer_says(now, id, session, FromVolunteer::Decline),
+            Incoming::Candidate { session, candidate } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
-                    return self.send(
-                        id,
-                        Outgoing::Error { code: ErrorCode::UnknownSession, reason: "session is over".into() },
-                    );
+                    return self.volunteer_says(now, id, session, FromVolunteer::Candidate { candidate });
                 };
-                if s.volunteer != id || s.state != SessionState::Offered {
-                    // Usually a race (the offer moved on after a timeout): not fatal.
-                    return self.send(
-                        id,
-                        Outgoing::Error {
-                            code: ErrorCode::UnknownSession,
-                            reason: "not an offer of yours (any more)".into(),
-                        },
+                if s.consumer != id {
+                    return self.volunteer_says(now, id, session, FromVolunteer::Candidate { candidate });
+                }
+                if s.consumer_candidates.len() as u32 >= self.cfg.max_candidates_per_side {
+                    self.stats.candidates_dropped += 1;
+                    metrics::counter!(crate::metrics::CANDIDATES_DROPPED).increment(1);
+                    return;
+                }
+                s.consumer_candidates.push(candidate.clone());
+                // While a volunteer is being picked, the offer carries them later.
+                if matches!(s.state, SessionState::Offered | SessionState::Answered) {
+                    let v = s.volunteer.clone();
+                    self.send_volunteer(&v, ToVolunteer::Candidate { session, candidate });
+                }
+            }
+            Incoming::Done { session } => {
+                if self.sessions.get(&session).is_none_or(|s| s.consumer != id) {
+                    return self.volunteer_says(now, id, session, FromVolunteer::Done);
+                }
+                let s = self.remove_session(session).expect("checked");
+                if s.state == SessionState::Offered {
+                    self.send_volunteer(
+                        &s.volunteer,
+                        ToVolunteer::Cancel { session, reason: "consumer gave up".into() },
                     );
+                    self.give_back_slot(&s.volunteer);
+                }
+                self.end_session_of(s.consumer);
+            }
+        }
+    }
+
+    /// A message from volunteer `id` (here) about `session`: handled here if this replica owns
+    /// the session, else passed to its owner through the store (shared mode).
+    fn volunteer_says(&mut self, now: u64, id: ClientId, session: SessionId, m: FromVolunteer) {
+        if self.sessions.contains_key(&session) {
+            return self.owner_hears(now, &Vol::Local(id), session, m);
+        }
+        let volunteer = matches!(self.clients.get(&id), Some(Client { role: Role::Volunteer { .. }, .. }));
+        if volunteer && self.shared.is_some() {
+            return self.store(StoreOp::FromVolunteer { session, client: id, msg: m });
+        }
+        if matches!(m, FromVolunteer::Answer { .. }) {
+            self.send(id, Outgoing::Error { code: ErrorCode::UnknownSession, reason: "session is over".into() });
+        }
+    }
+
+    fn send_registered(&mut self, id: ClientId, name: String) {
+        let (ping_ms, idle_ms) = (self.cfg.ping_interval, self.cfg.idle_timeout);
+        self.send(id, Outgoing::Registered { version: msg::VERSION, id: name, ping_ms, idle_ms });
+    }
+
+    /// The owner's side of a volunteer's message (the volunteer here or at another replica).
+    fn owner_hears(&mut self, now: u64, v: &Vol, session: SessionId, m: FromVolunteer) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if s.volunteer != *v {
+            // A volunteer's late message for an offer that moved on (usually a race after a
+            // timeout): an answer hears so, the rest is dropped.
+            if let (Vol::Local(id), FromVolunteer::Answer { .. }) = (v, &m) {
+                let reason = "not an offer of yours (any more)".into();
+                self.send(*id, Outgoing::Error { code: ErrorCode::UnknownSession, reason });
+            }
+            return;
+        }
+        match m {
+            FromVolunteer::Answer { sdp } => {
+                if s.state != SessionState::Offered {
+                    if let Vol::Local(id) = v {
+                        let reason = "not an offer of yours (any more)".into();
+                        self.send(*id, Outgoing::Error { code: ErrorCode::UnknownSession, reason });
+                    }
+                    return;
                 }
                 s.state = SessionState::Answered;
                 let consumer = s.consumer;
@@ -477,57 +566,50 @@ impl Hub {
                 metrics::counter!(crate::metrics::MATCHES).increment(1);
                 self.send(consumer, Outgoing::Answer { session, sdp });
             }
-            Incoming::Decline { session, .. } => {
-                let ok =
-                    self.sessions.get(&session).is_some_and(|s| s.volunteer == id && s.state == SessionState::Offered);
-                if ok {
+            FromVolunteer::Decline => {
+                if s.state == SessionState::Offered {
                     self.stats.declines += 1;
                     metrics::counter!(crate::metrics::SESSION_ENDS, "reason" => "declined").increment(1);
                     self.reoffer(now, session, "volunteer declined");
                 }
             }
-            Incoming::Candidate { session, candidate } => {
-                let limit = self.cfg.max_candidates_per_side;
-                let Some(s) = self.sessions.get_mut(&session) else { return };
-                let to = if s.consumer == id {
-                    if s.consumer_candidates.len() as u32 >= limit {
-                        self.stats.candidates_dropped += 1;
-                        metrics::counter!(crate::metrics::CANDIDATES_DROPPED).increment(1);
-                        return;
-                    }
-                    s.consumer_candidates.push(candidate.clone());
-                    (s.state == SessionState::Answered || s.state == SessionState::Offered).then_some(s.volunteer)
-                } else if s.volunteer == id {
-                    if s.volunteer_candidates >= limit {
-                        self.stats.candidates_dropped += 1;
-                        metrics::counter!(crate::metrics::CANDIDATES_DROPPED).increment(1);
-                        return;
-                    }
-                    s.volunteer_candidates += 1;
-                    Some(s.consumer)
-                } else {
-                    // A volunteer's late candidates for an offer that moved on: dropped.
+            FromVolunteer::Candidate { candidate } => {
+                if s.volunteer_candidates >= self.cfg.max_candidates_per_side {
+                    self.stats.candidates_dropped += 1;
+                    metrics::counter!(crate::metrics::CANDIDATES_DROPPED).increment(1);
                     return;
-                };
-                if let Some(to) = to {
-                    self.send(to, Outgoing::Candidate { session, candidate });
                 }
+                s.volunteer_candidates += 1;
+                let consumer = s.consumer;
+                self.send(consumer, Outgoing::Candidate { session, candidate });
             }
-            Incoming::Done { session } => {
-                let mine = self.sessions.get(&session).is_some_and(|s| s.consumer == id || s.volunteer == id);
-                if mine {
-                    let s = self.sessions.remove(&session).expect("checked");
-                    if s.state == SessionState::Offered && s.consumer == id {
-                        self.send(s.volunteer, Outgoing::Cancel { session, reason: "consumer gave up".into() });
-                        self.give_back_slot(s.volunteer);
-                    }
-                    if let Some(Client { role: Role::Consumer { session: cs }, .. }) = self.clients.get_mut(&s.consumer)
-                    {
-                        *cs = None;
-                    }
-                    // The consumer's signaling is over, whoever said done first.
-                    self.close(s.consumer, 1000, "done".into());
+            FromVolunteer::Done => {
+                let s = self.remove_session(session).expect("exists");
+                self.end_session_of(s.consumer);
+            }
+        }
+    }
+
+    /// The consumer's signaling is over, whoever said done first.
+    fn end_session_of(&mut self, consumer: ClientId) {
+        if let Some(Client { role: Role::Consumer { session }, .. }) = self.clients.get_mut(&consumer) {
+            *session = None;
+        }
+        self.close(consumer, 1000, "done".into());
+    }
+
+    /// Volunteer `v` is gone: its offers move on, its answered sessions end.
+    fn volunteer_gone(&mut self, now: u64, v: &Vol) {
+        let orphans: Vec<SessionId> =
+            self.sessions.iter().filter(|(_, s)| s.volunteer == *v).map(|(sid, _)| *sid).collect();
+        for sid in orphans {
+            match self.sessions.get(&sid).map(|s| &s.state) {
+                Some(SessionState::Offered) => self.reoffer(now, sid, "volunteer left"),
+                Some(SessionState::Answered) => {
+                    let s = self.remove_session(sid).expect("exists");
+                    self.end_consumer(s.consumer, sid, "volunteer left");
                 }
+                _ => {}
             }
         }
     }
@@ -559,24 +641,85 @@ impl Hub {
             sid,
             Session {
                 consumer: id,
-                volunteer: 0,
-                state: SessionState::Offered,
+                volunteer: Vol::Local(0),
+                state: SessionState::Picking,
                 offer,
                 consumer_candidates: Vec::new(),
                 volunteer_candidates: 0,
                 tried: Vec::new(),
+                why: "",
                 expires: now + self.cfg.session_ttl,
                 answer_by: 0,
             },
         );
-        let Some(v) = self.pick(&[]) else {
-            self.sessions.remove(&sid);
-            return self.unavailable(id, "no volunteer has a free slot");
-        };
         self.clients.get_mut(&id).expect("exists").role = Role::Consumer { session: Some(sid) };
-        self.send(id, Outgoing::Matched { version, session: sid, ttl_ms: self.cfg.session_ttl });
         self.timer(now + self.cfg.session_ttl, Timer::Expire(sid));
-        self.offer_to(now, sid, v);
+        self.pick_for(now, sid, version);
+    }
+
+    /// Finds the session a volunteer: at once from this hub's own, or through the store
+    /// (shared mode; [`Hub::picked`] goes on from there).
+    fn pick_for(&mut self, now: u64, sid: SessionId, version: u32) {
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        s.state = SessionState::Picking;
+        if let Some(sh) = &mut self.shared {
+            let replica = sh.replica.clone();
+            let skip = s
+                .tried
+                .iter()
+                .map(|v| match v {
+                    Vol::Local(c) => VolunteerRef { replica: replica.clone(), client: *c },
+                    Vol::Remote(r) => r.clone(),
+                })
+                .collect();
+            sh.ops.push_back(StoreOp::Pick { session: sid, skip });
+            return;
+        }
+        let tried = s.tried.clone();
+        let v = self.pick(&tried).map(Vol::Local);
+        self.found(now, sid, v, version);
+    }
+
+    /// A volunteer for session `sid` (or none is free): offer it, or tell the consumer.
+    fn found(&mut self, now: u64, sid: SessionId, v: Option<Vol>, version: u32) {
+        let Some(s) = self.sessions.get(&sid) else {
+            // The consumer left meanwhile.
+            if let Some(v) = v {
+                self.give_back_slot(&v);
+            }
+            return;
+        };
+        let (first, consumer, why) = (s.tried.is_empty(), s.consumer, s.why);
+        match v {
+            Some(v) => {
+                if first {
+                    let ttl_ms = self.cfg.session_ttl;
+                    self.send(consumer, Outgoing::Matched { version, session: sid, ttl_ms });
+                }
+                self.offer_to(now, sid, v);
+            }
+            None if first => {
+                self.remove_session(sid);
+                if let Some(Client { role: Role::Consumer { session }, .. }) = self.clients.get_mut(&consumer) {
+                    *session = None;
+                }
+                self.unavailable(consumer, "no volunteer has a free slot");
+            }
+            None => {
+                self.remove_session(sid);
+                self.stats.unavailable += 1;
+                metrics::counter!(crate::metrics::UNAVAILABLE).increment(1);
+                self.send(consumer, Outgoing::Cancel { session: sid, reason: why.into() });
+                self.send(
+                    consumer,
+                    Outgoing::Unavailable {
+                        retry_after_ms: self.cfg.retry_after,
+                        reason: "no volunteer answered".into(),
+                    },
+                );
+                self.close(consumer, 1000, why.into());
+            }
+        }
     }
 
     fn unavailable(&mut self, id: ClientId, reason: &str) {
@@ -586,43 +729,34 @@ impl Hub {
         self.close(id, 1000, reason.into());
     }
 
-    fn offer_to(&mut self, now: u64, sid: SessionId, v: ClientId) {
+    fn offer_to(&mut self, now: u64, sid: SessionId, v: Vol) {
         let ttl = self.cfg.session_ttl;
         let s = self.sessions.get_mut(&sid).expect("session exists");
-        s.volunteer = v;
+        s.volunteer = v.clone();
         s.state = SessionState::Offered;
-        s.tried.push(v);
+        s.tried.push(v.clone());
         s.answer_by = now + self.cfg.answer_timeout;
         let (offer, candidates) = (s.offer.clone(), s.consumer_candidates.clone());
         let ttl_ms = s.expires.saturating_sub(now).min(ttl);
+        if self.shared.is_some() {
+            let volunteer = self.vref(&v);
+            self.store(StoreOp::Match { session: sid, volunteer, ttl_ms });
+        }
         self.timer(now + self.cfg.answer_timeout, Timer::Answer(sid));
-        self.send(v, Outgoing::Offer { session: sid, sdp: offer, ttl_ms });
+        self.send_volunteer(&v, ToVolunteer::Offer { session: sid, sdp: offer, ttl_ms });
         for c in candidates {
-            self.send(v, Outgoing::Candidate { session: sid, candidate: c });
+            self.send_volunteer(&v, ToVolunteer::Candidate { session: sid, candidate: c });
         }
     }
 
     /// The session's volunteer declined, left or was too slow: try the next one.
-    fn reoffer(&mut self, now: u64, sid: SessionId, why: &str) {
-        let Some(s) = self.sessions.get(&sid) else { return };
-        let tried = s.tried.clone();
-        let next = if (tried.len() as u32) < self.cfg.max_attempts { self.pick(&tried) } else { None };
-        match next {
-            Some(v) => self.offer_to(now, sid, v),
-            None => {
-                let s = self.sessions.remove(&sid).expect("checked");
-                self.stats.unavailable += 1;
-                metrics::counter!(crate::metrics::UNAVAILABLE).increment(1);
-                self.send(s.consumer, Outgoing::Cancel { session: sid, reason: why.into() });
-                self.send(
-                    s.consumer,
-                    Outgoing::Unavailable {
-                        retry_after_ms: self.cfg.retry_after,
-                        reason: "no volunteer answered".into(),
-                    },
-                );
-                self.close(s.consumer, 1000, why.into());
-            }
+    fn reoffer(&mut self, now: u64, sid: SessionId, why: &'static str) {
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        s.why = why;
+        if (s.tried.len() as u32) < self.cfg.max_attempts {
+            self.pick_for(now, sid, msg::VERSION);
+        } else {
+            self.found(now, sid, None, msg::VERSION);
         }
     }
 
@@ -632,8 +766,40 @@ impl Hub {
         self.close(consumer, 1000, why.into());
     }
 
+    /// Removes a session (and, in shared mode, its match record).
+    fn remove_session(&mut self, sid: SessionId) -> Option<Session> {
+        let s = self.sessions.remove(&sid)?;
+        self.store(StoreOp::EndMatch { session: sid });
+        Some(s)
+    }
+
+    /// Queues a store request (shared mode; nothing otherwise).
+    fn store(&mut self, op: StoreOp) {
+        if let Some(sh) = &mut self.shared {
+            sh.ops.push_back(op);
+        }
+    }
+
+    /// A volunteer as the store names it.
+    fn vref(&self, v: &Vol) -> VolunteerRef {
+        match v {
+            Vol::Local(c) => {
+                VolunteerRef { replica: self.shared.as_ref().map_or("", |s| &s.replica).to_owned(), client: *c }
+            }
+            Vol::Remote(r) => r.clone(),
+        }
+    }
+
+    /// Sends to a session's volunteer, here or (shared mode) at its replica.
+    fn send_volunteer(&mut self, v: &Vol, m: ToVolunteer) {
+        match v {
+            Vol::Local(id) => self.send(*id, m.into()),
+            Vol::Remote(r) => self.store(StoreOp::ToVolunteer { volunteer: r.clone(), msg: m }),
+        }
+    }
+
     /// The next volunteer with a free slot (round robin), not one of `skip`; takes the slot.
-    fn pick(&mut self, skip: &[ClientId]) -> Option<ClientId> {
+    fn pick(&mut self, skip: &[Vol]) -> Option<ClientId> {
         let mut skipped = Vec::new();
         let mut found = None;
         while let Some(v) = self.ready.pop_front() {
@@ -644,7 +810,7 @@ impl Hub {
                 *queued = false;
                 continue;
             }
-            if skip.contains(&v) {
+            if skip.contains(&Vol::Local(v)) {
                 skipped.push(v);
                 continue;
             }
@@ -664,12 +830,18 @@ impl Hub {
         found
     }
 
+    /// A volunteer here announced `free` slots. In shared mode the store keeps the count
+    /// (replicas take slots from it); this hub's copy is what the volunteer last said.
     fn set_free(&mut self, id: ClientId, free: u32) {
         let Some(Client { role: Role::Volunteer { free: f, queued }, .. }) = self.clients.get_mut(&id) else {
             return;
         };
         self.free_slots = self.free_slots - u64::from(*f) + u64::from(free);
         *f = free;
+        if let Some(sh) = &mut self.shared {
+            sh.ops.push_back(StoreOp::Slots { client: id, free });
+            return;
+        }
         if free > 0 && !*queued {
             *queued = true;
             self.ready.push_back(id);
@@ -677,12 +849,27 @@ impl Hub {
     }
 
     /// A slot taken for an offer that came to nothing is the volunteer's again.
-    fn give_back_slot(&mut self, v: ClientId) {
+    fn give_back_slot(&mut self, v: &Vol) {
+        if self.shared.is_some() {
+            let volunteer = self.vref(v);
+            return self.store(StoreOp::GiveBack { volunteer });
+        }
+        let Vol::Local(v) = *v else { return };
         let free = match self.clients.get(&v) {
             Some(Client { role: Role::Volunteer { free, .. }, .. }) => *free,
             _ => return,
         };
         self.set_free(v, (free + 1).min(self.cfg.max_slots_per_volunteer));
+    }
+}
+
+impl From<ToVolunteer> for Outgoing {
+    fn from(m: ToVolunteer) -> Outgoing {
+        match m {
+            ToVolunteer::Offer { session, sdp, ttl_ms } => Outgoing::Offer { session, sdp, ttl_ms },
+            ToVolunteer::Candidate { session, candidate } => Outgoing::Candidate { session, candidate },
+            ToVolunteer::Cancel { session, reason } => Outgoing::Cancel { session, reason },
+        }
     }
 }
 

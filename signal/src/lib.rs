@@ -5,16 +5,20 @@
 //!
 //! - [`msg`]: the messages and their bounds (no I/O);
 //! - [`hub`]: matchmaking, sessions, limits and timeouts, sans-IO (time is passed in);
+//! - [`shared`]: what replicas share through a store (Redis) and pass each other;
 //! - `server`, `client`, `config` (feature `runtime`): the tokio server with its admin
 //!   listener, WebSocket clients for both roles, and the TOML configuration.
 
 pub mod hub;
 pub mod metrics;
 pub mod msg;
+pub mod shared;
 
 #[cfg(feature = "runtime")]
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod redis_store;
 #[cfg(feature = "runtime")]
 pub mod server;

@@ -30,6 +30,13 @@ struct Cli {
     /// A TURN server handed to clients: turn:HOST:PORT?transport=udp,USER,PASSWORD (repeatable).
     #[arg(long)]
     turn: Vec<String>,
+    /// Share waiting volunteers and pending matches with other replicas in Redis at this
+    /// URL (redis://HOST:PORT/DB); sets store.kind = "redis".
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// This replica's id in the shared store (default: random at start).
+    #[arg(long)]
+    replica: Option<String>,
     /// Log filter (tracing syntax).
     #[arg(long)]
     log: Option<String>,
@@ -71,6 +78,13 @@ fn effective_config(cli: &Cli) -> Result<Config> {
             };
             c.ice_servers.push(IceServer { urls: vec![url.into()], username: user.into(), credential: pass.into() });
         }
+    }
+    if let Some(u) = &cli.store {
+        c.store.kind = "redis".into();
+        c.store.url = u.clone();
+    }
+    if let Some(r) = &cli.replica {
+        c.store.replica = r.clone();
     }
     if let Some(l) = &cli.log {
         c.log.filter = l.clone();

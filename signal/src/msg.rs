@@ -145,6 +145,13 @@ impl Serialize for SessionId {
     }
 }
 
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SessionId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A STUN or TURN server clients should use, in the shape of WebRTC's `RTCIceServer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IceServer {
@@ -157,10 +164,10 @@ pub struct IceServer {
 }
 
 /// A trickled ICE candidate; an empty `candidate` marks the end of candidates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     pub candidate: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mid: Option<String>,
 }
 

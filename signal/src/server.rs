@@ -6,6 +6,8 @@ use crate::config::Config;
 use crate::hub::{Action, ClientId, Hub, Refusal};
 use crate::metrics as m;
 use crate::msg::{self, Outgoing};
+use crate::redis_store::{RedisStore, StoreEvent};
+use crate::shared::StoreOp;
 use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -24,13 +26,30 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// What the hub task is told.
 enum HubIn {
-    Connect { ip: IpAddr, reply: oneshot::Sender<Result<(ClientId, mpsc::Receiver<ToClient>), Refusal>> },
-    Message { id: ClientId, text: String },
-    Oversized { id: ClientId, len: usize },
-    Binary { id: ClientId },
-    Disconnect { id: ClientId },
+    Connect {
+        ip: IpAddr,
+        reply: oneshot::Sender<Result<(ClientId, mpsc::Receiver<ToClient>), Refusal>>,
+    },
+    Message {
+        id: ClientId,
+        text: String,
+    },
+    Oversized {
+        id: ClientId,
+        len: usize,
+    },
+    Binary {
+        id: ClientId,
+    },
+    Disconnect {
+        id: ClientId,
+    },
     Drain,
-    Snapshot { reply: oneshot::Sender<Snapshot> },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+    /// From the shared store (shared mode).
+    Store(StoreEvent),
 }
 
 /// What a client task is told.
@@ -79,18 +98,49 @@ impl Server {
         let mut seed = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
             .map_err(|_| anyhow::anyhow!("no random source for session ids"))?;
-        let hub = Hub::new(config.hub(), seed);
         let (hub_tx, hub_rx) = mpsc::channel(4096);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let clock = std::time::Instant::now();
-        tasks.spawn(run_hub(hub, hub_rx, clock, config.limits.send_queue));
-        let cfg = Arc::new(config.clone());
-        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        tasks.spawn(accept_loop(listener, cfg, hub_tx.clone(), stop_rx, live.clone()));
         let readiness = Arc::new(broflake_ops::Readiness::default());
         readiness.flag("listening", true);
         let ready = readiness.flag("not draining", true);
+        let (hub, store) = if config.store.kind == "redis" {
+            let replica = match config.store.replica.as_str() {
+                "" => {
+                    let mut r = [0u8; 6];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)
+                        .map_err(|_| anyhow::anyhow!("no random source for the replica id"))?;
+                    hex::encode(r)
+                }
+                r => r.to_owned(),
+            };
+            tracing::info!(%replica, url = %config.store.url, "one replica of several: state shared in Redis");
+            let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+            let (ev_tx, mut ev_rx) = mpsc::channel(1024);
+            let store = RedisStore {
+                url: config.store.url.clone(),
+                prefix: config.store.prefix.clone(),
+                replica: replica.clone(),
+                max_slots: config.limits.max_slots_per_volunteer,
+            };
+            tasks.spawn(store.run(ops_rx, ev_tx, readiness.flag("shared store reachable", false)));
+            let fwd = hub_tx.clone();
+            tasks.spawn(async move {
+                while let Some(ev) = ev_rx.recv().await {
+                    if fwd.send(HubIn::Store(ev)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            (Hub::shared(config.hub(), seed, replica), Some(ops_tx))
+        } else {
+            (Hub::new(config.hub(), seed), None)
+        };
+        let clock = std::time::Instant::now();
+        tasks.spawn(run_hub(hub, hub_rx, clock, config.limits.send_queue, store));
+        let cfg = Arc::new(config.clone());
+        let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tasks.spawn(accept_loop(listener, cfg, hub_tx.clone(), stop_rx, live.clone()));
         let mut admin_addr = None;
         if let Some(a) = config.admin.listen {
             let l = TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a} (admin)"))?;
@@ -152,7 +202,13 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     s.listen(backlog)
 }
 
-async fn run_hub(mut hub: Hub, mut rx: mpsc::Receiver<HubIn>, clock: std::time::Instant, queue: usize) {
+async fn run_hub(
+    mut hub: Hub,
+    mut rx: mpsc::Receiver<HubIn>,
+    clock: std::time::Instant,
+    queue: usize,
+    store: Option<mpsc::UnboundedSender<StoreOp>>,
+) {
     let now = || u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut clients: HashMap<ClientId, mpsc::Sender<ToClient>> = HashMap::new();
     loop {
@@ -193,6 +249,17 @@ async fn run_hub(mut hub: Hub, mut rx: mpsc::Receiver<HubIn>, clock: std::time::
                             unavailable: hub.stats.unavailable,
                         });
                     }
+                    HubIn::Store(ev) => match ev {
+                        StoreEvent::Picked { session, volunteer } => hub.picked(now(), session, volunteer),
+                        StoreEvent::RouteFailed { session, client, msg, why } => {
+                            hub.route_failed(client, session, &msg, why)
+                        }
+                        StoreEvent::Relay(r) => hub.relay(now(), r),
+                        StoreEvent::Registered { client } => hub.registered(client),
+                        StoreEvent::Resync { reply } => {
+                            let _ = reply.send(hub.local_volunteers());
+                        }
+                    },
                 }
             }
             _ = tokio::time::sleep_until(wake) => hub.timeout(now()),
@@ -224,6 +291,14 @@ async fn run_hub(mut hub: Hub, mut rx: mpsc::Receiver<HubIn>, clock: std::time::
             if clients.remove(&id).is_some() {
                 metrics::counter!(m::ERRORS, "code" => msg::ErrorCode::TooSlow.label()).increment(1);
                 hub.disconnect(now(), id);
+            }
+        }
+        // The store runs them in order; it answers through `HubIn::Store`. (Unbounded: the
+        // hub must never wait for Redis, and requests follow client messages, which are
+        // bounded per client; while Redis is down they are failed at once.)
+        while let Some(op) = hub.poll_store() {
+            if let Some(tx) = &store {
+                let _ = tx.send(op);
             }
         }
         metrics::gauge!(m::CLIENTS).set(hub.clients() as f64);

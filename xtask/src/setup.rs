@@ -10,7 +10,8 @@ fn quiet_ok(cmd: &mut Command) -> bool {
 }
 
 /// Everything the test command needs: curl; Prometheus (promtool and the server); coturn
-/// (STUN/TURN), nftables and iproute2 for the NAT tests in network namespaces.
+/// (STUN/TURN), nftables and iproute2 for the NAT tests in network namespaces; Redis for the
+/// signaling replicas' shared store.
 pub fn all() -> Result<()> {
     runtime()?;
     apt(&[
@@ -20,6 +21,7 @@ pub fn all() -> Result<()> {
         ("turnserver", "coturn"),
         ("nft", "nftables"),
         ("ip", "iproute2"),
+        ("redis-server", "redis-server"),
     ])?;
     fuzz_tools()
 }
