@@ -7,6 +7,7 @@ pub mod loadgen;
 pub mod procfs;
 pub mod profile;
 pub mod quic_sink;
+pub mod signaling;
 pub mod tunnel;
 pub mod wan;
 pub mod wan_link;

@@ -108,7 +108,7 @@ impl Pipe {
         match self {
             Pipe::Ws(mut ws) => {
                 let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), (*ws).close(Some(frame))).await;
             }
             // Dropping the pipe closes both channels (the peer hears an SCTP stream reset).
             Pipe::Rtc(p) => drop(p),

@@ -56,6 +56,9 @@ enum Cmd {
         /// Only throughput under delay and loss (an emulated WAN link between relay and egress).
         #[arg(long, conflicts_with_all = ["webrtc", "tunnel"])]
         wan: bool,
+        /// Only signaling matches per second: memory, Redis, two replicas on one Redis.
+        #[arg(long, conflicts_with_all = ["webrtc", "tunnel", "wan"])]
+        signaling: bool,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -107,7 +110,9 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { full, rows, webrtc, tunnel, profile, wan } => bench(full, rows, webrtc, tunnel, profile, wan),
+        Cmd::Bench { full, rows, webrtc, tunnel, profile, wan, signaling } => {
+            bench(full, rows, webrtc, tunnel, profile, wan, signaling)
+        }
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
             match (root, host) {
@@ -284,8 +289,16 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool, profile: bool, wan: bool) -> Result<()> {
-    setup::apt(&[("curl", "curl"), ("turnserver", "coturn")])?;
+fn bench(
+    full: bool,
+    rows: Option<String>,
+    webrtc: bool,
+    tunnel: bool,
+    profile: bool,
+    wan: bool,
+    signaling: bool,
+) -> Result<()> {
+    setup::apt(&[("curl", "curl"), ("turnserver", "coturn"), ("redis-server", "redis-server")])?;
     if profile {
         setup::apt(&[("perf", "linux-perf")])?;
     }
@@ -307,6 +320,8 @@ fn bench(full: bool, rows: Option<String>, webrtc: bool, tunnel: bool, profile: 
     ]))?;
     let what = if webrtc {
         "webrtc"
+    } else if signaling {
+        "signaling"
     } else if wan {
         "wan"
     } else if tunnel {

@@ -53,6 +53,15 @@ enum Cmd {
     },
     /// The QUIC anchor's server (started by the tunnel measurement).
     QuicSink,
+    /// Matches per second of the signaling service: memory, Redis, two replicas on Redis.
+    Signaling {
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin: PathBuf,
+        #[arg(long)]
+        full: bool,
+    },
     /// Throughput under delay and loss, tunnel against plain TCP over the same path.
     Wan {
         #[arg(long, default_value = "target/bench")]
@@ -77,6 +86,14 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
         Cmd::QuicSink => bench::quic_sink::serve(),
+        Cmd::Signaling { out, bin, full } => {
+            std::fs::create_dir_all(&out)?;
+            let rows = signaling_section(&bin, full)?;
+            std::fs::write(out.join("signaling.json"), serde_json::to_string_pretty(&rows)?)?;
+            let command = if full { "cargo xtask bench --signaling --full" } else { "cargo xtask bench --signaling" };
+            print!("{}", bench::signaling::markdown(&rows, command));
+            Ok(())
+        }
         Cmd::Wan { out, bin, full } => {
             std::fs::create_dir_all(&out)?;
             // Per stream: enough for congestion control to leave slow start on every path.
@@ -725,6 +742,11 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
 }
 
 /// Consumers timed per path and volunteers in the matching measurement.
+/// 1,000 (2,000 with --full) volunteers and consumers per measurement, three rounds.
+fn signaling_section(bin: &Path, full: bool) -> Result<Vec<bench::signaling::MatchRow>> {
+    bench::signaling::run(bin, if full { 2000 } else { 1000 }, 3)
+}
+
 fn webrtc_section(bin: &Path, full: bool) -> Result<bench::webrtc::WebrtcResults> {
     let (consumers, volunteers) = if full { (200, 2000) } else { (100, 1000) };
     bench::webrtc::run(bin, consumers, volunteers)
