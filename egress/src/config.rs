@@ -22,6 +22,7 @@ pub struct Config {
     pub admin: Admin,
     pub log: Log,
     pub memory: Memory,
+    pub fleet: Fleet,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +150,27 @@ pub struct Proxy {
     pub allow: Vec<ipnet::IpNet>,
 }
 
+/// Several egress hosts behind one name (ARCHITECTURE.md "Past one host"): each issues QUIC
+/// connection ids that carry its `id`, and forwards packets of another host's connections to
+/// that host over UDP on the fleet's own network.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fleet {
+    /// This host's id in the fleet, 1–65535; 0: no fleet (connection ids are random).
+    pub id: u16,
+    /// The UDP address forwarded packets arrive at; on a network only the fleet reaches.
+    pub listen: Option<SocketAddr>,
+    /// Every other host: `[[fleet.peers]]` with `id` and `addr` (its `fleet.listen`).
+    pub peers: Vec<FleetPeer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetPeer {
+    pub id: u16,
+    pub addr: SocketAddr,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Drain {
@@ -270,6 +292,31 @@ impl Default for Limits {
     }
 }
 
+impl Config {
+    fn validate_fleet(&self) -> Result<()> {
+        let f = &self.fleet;
+        if f.id == 0 {
+            if f.listen.is_some() || !f.peers.is_empty() {
+                bail!("fleet: set fleet.id (1-65535) to use fleet.listen and fleet.peers");
+            }
+            return Ok(());
+        }
+        if f.listen.is_none() {
+            bail!("fleet: fleet.listen (a UDP address on the fleet's network) is needed with fleet.id");
+        }
+        let mut seen = std::collections::HashSet::from([f.id]);
+        for p in &f.peers {
+            if p.id == 0 {
+                bail!("fleet.peers: id 0 is not a host (ids are 1-65535)");
+            }
+            if !seen.insert(p.id) {
+                bail!("fleet.peers: id {} appears twice (or is this host's own id)", p.id);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Quic {
     fn default() -> Self {
         Quic { idle_timeout: Duration::from_secs(120), inbound_queue: 8192 }
@@ -314,6 +361,7 @@ impl Config {
 
     /// Checks cross-field rules; every message says what to change.
     pub fn validate(&self) -> Result<()> {
+        self.validate_fleet()?;
         if self.listen.ws.is_empty() && self.listen.wss.is_empty() {
             bail!("listen: configure at least one ws or wss address");
         }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fleet;
 pub mod listen;
 pub mod liveness;
 pub mod memory;
@@ -81,11 +82,21 @@ impl Egress {
         };
         ::metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
+        let fleet = match config.fleet.id {
+            0 => None,
+            id => {
+                let f = fleet::Fleet::bind(&config.fleet)
+                    .with_context(|| format!("cannot bind the fleet socket {:?}", config.fleet.listen))?;
+                tracing::info!(id, addr = %f.local_addr()?, peers = config.fleet.peers.len(), "fleet host");
+                Some(Arc::new(f))
+            }
+        };
         let quic = quic::QuicBridge::new(
             quic::server_config(identity.quic_config()?, &config),
             config.quic.inbound_queue,
             identity.key.secret_der(),
             quic::max_mtu(&config),
+            fleet,
         )
         .context("cannot create the QUIC endpoint")?;
         let shared = Arc::new(Shared::new(config.clone(), quic.clone(), false));
@@ -99,6 +110,7 @@ impl Egress {
             stats: shared.stats.clone(),
         });
         tasks.spawn(proxy::serve(quic.endpoint.clone(), settings));
+        tasks.spawn(quic.clone().serve_fleet(config.quic.idle_timeout));
         tasks.spawn(liveness::sweeper(shared.clone(), stop_rx.clone()));
 
         let mut ws_addrs = Vec::new();

@@ -27,6 +27,9 @@ pub const PROXY_DIALS: &str = "broflake_proxy_dials_total";
 pub const PROXY_BYTES: &str = "broflake_proxy_bytes_total";
 pub const DRAINING: &str = "broflake_draining";
 pub const BUILD_INFO: &str = "broflake_build_info";
+pub const FLEET_PACKETS: &str = "broflake_fleet_packets_total";
+pub const FLEET_DROPPED: &str = "broflake_fleet_dropped_total";
+pub const FLEET_ROUTES: &str = "broflake_fleet_routes";
 
 /// Values of the `type` label of the frame counters: the v1 frame types by number
 /// (index = type), then unknown types, then undecodable frames.
@@ -112,6 +115,13 @@ fn zero_series() {
     for reason in ["route_gone", "send_queue_full", "endpoint_queue_full"] {
         counter!(PACKETS_DROPPED, "reason" => reason).increment(0);
     }
+    for way in crate::fleet::WAYS {
+        counter!(FLEET_PACKETS, "way" => way).increment(0);
+    }
+    for reason in crate::fleet::DROP_REASONS {
+        counter!(FLEET_DROPPED, "reason" => reason).increment(0);
+    }
+    gauge!(FLEET_ROUTES).set(0.0);
     for result in [
         "ok",
         "policy_refused",
@@ -184,6 +194,12 @@ pub fn describe() {
     describe_counter!(PROXY_DIALS, "Proxy dials, by result (ok, policy_refused, dns_failed, …).");
     describe_counter!(PROXY_BYTES, "Bytes spliced by the proxy, by direction.");
     describe_gauge!(DRAINING, "1 while the egress is draining.");
+    describe_counter!(
+        FLEET_PACKETS,
+        "QUIC packets of another host's connections: forwarded to the owner, received from a forwarder, returned to it, delivered back on the original route."
+    );
+    describe_counter!(FLEET_DROPPED, "Fleet packets dropped, by reason.");
+    describe_gauge!(FLEET_ROUTES, "Routes held for packets other hosts forward here.");
     describe_gauge!(BUILD_INFO, "Always 1; labels carry the version.");
     describe_gauge!(OPEN_FDS, "File descriptors the process holds.");
     describe_gauge!(PROCESS_CPU, "CPU seconds (user + system) the process used since it started.");

@@ -2,6 +2,7 @@
 //! pair is a route with its own virtual address (a route id); packets from quinn go to the
 //! backend's [`RouteSink`], which frames them as DATA for the right connection and label.
 
+use crate::fleet::{self, Fleet, Received, FLEET_ROUTE};
 use crate::metrics as m;
 use broflake_tunnel::{route_addr, route_id, Inbound, PacketSink, VirtualSocket};
 use bytes::Bytes;
@@ -40,12 +41,15 @@ impl Dropped {
 #[derive(Debug, Default)]
 struct Routes {
     sink: std::sync::OnceLock<Arc<dyn RouteSink>>,
+    /// Fleet mode: routes of packets other hosts forwarded here go back through it.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl PacketSink for Routes {
     fn send(&self, destination: SocketAddr, packet: &[u8]) {
-        let r = match (route_id(destination), self.sink.get()) {
-            (Some(id), Some(sink)) => sink.send(id, packet),
+        let r = match (route_id(destination), self.sink.get(), &self.fleet) {
+            (Some(id), _, Some(f)) if id & (3 << 62) == FLEET_ROUTE => f.send_back(id, packet),
+            (Some(id), Some(sink), _) => sink.send(id, packet),
             _ => Err(Dropped::RouteGone),
         };
         if let Err(why) = r {
@@ -75,25 +79,42 @@ pub fn reset_key(secret: &[u8]) -> Arc<dyn quinn::crypto::HmacKey> {
 }
 
 impl QuicBridge {
-    /// `reset_secret` seeds the stateless-reset key (see [`reset_key`]).
+    /// `reset_secret` seeds the stateless-reset key (see [`reset_key`]); with a `fleet` the
+    /// endpoint's connection ids carry this host's fleet id.
     pub fn new(
         server: quinn::ServerConfig,
         inbound_queue: usize,
         reset_secret: &[u8],
         max_mtu: u16,
+        fleet: Option<Arc<Fleet>>,
     ) -> std::io::Result<Arc<Self>> {
-        let routes = Arc::new(Routes::default());
+        let routes = Arc::new(Routes { sink: Default::default(), fleet: fleet.clone() });
         let local: SocketAddr = "[fd00:b70f::]:443".parse().expect("literal");
         let (socket, inbound) = VirtualSocket::new(local, routes.clone(), inbound_queue);
         let mut config = broflake_tunnel::settings::endpoint_config(max_mtu);
         config.reset_key(reset_key(reset_secret));
+        if let Some(f) = &fleet {
+            let id = f.id;
+            config.cid_generator(move || Box::new(fleet::FleetCids { id }));
+        }
         let endpoint =
             quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(quinn::TokioRuntime))?;
         Ok(Arc::new(QuicBridge { routes, inbound, endpoint }))
     }
 
-    /// Hands a QUIC packet that arrived on route `id` to the endpoint.
+    /// Hands a QUIC packet that arrived on route `id` to the endpoint, or, in a fleet, to the
+    /// host that holds its connection.
     pub fn deliver(&self, id: u64, packet: Bytes) {
+        if let Some(f) = &self.routes.fleet {
+            match fleet::owner(&packet) {
+                Some(owner) if owner != f.id => return f.forward(owner, id, &packet),
+                _ => {}
+            }
+        }
+        self.to_endpoint(id, packet);
+    }
+
+    fn to_endpoint(&self, id: u64, packet: Bytes) {
         if !self.inbound.deliver(route_addr(id), packet) {
             metrics::counter!(m::PACKETS_DROPPED, "reason" => "endpoint_queue_full").increment(1);
         }
@@ -103,6 +124,47 @@ impl QuicBridge {
     /// are dropped as for a gone route).
     pub fn set_sink(&self, sink: Arc<dyn RouteSink>) {
         let _ = self.routes.sink.set(sink);
+    }
+
+    /// Receives what peers forward (fleet mode), until the socket fails; forgets forwarded
+    /// routes idle longer than `idle`.
+    pub async fn serve_fleet(self: Arc<Self>, idle: std::time::Duration) {
+        let Some(f) = self.routes.fleet.clone() else { return };
+        let socket = match f.recv_socket().and_then(tokio::net::UdpSocket::from_std) {
+            Ok(s) => s,
+            Err(e) => return tracing::error!(error = %e, "fleet socket unusable; no forwarding"),
+        };
+        let mut buf = vec![0u8; 65536];
+        let mut sweep = tokio::time::interval(idle.min(std::time::Duration::from_secs(10)));
+        loop {
+            tokio::select! {
+                r = socket.recv_from(&mut buf) => {
+                    let (n, from) = match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fleet receive failed");
+                            continue;
+                        }
+                    };
+                    match f.receive(from, &buf[..n]) {
+                        Some(Received::ToEndpoint { route, packet }) => {
+                            self.to_endpoint(route, Bytes::copy_from_slice(packet))
+                        }
+                        Some(Received::ToRoute { route, packet }) => {
+                            let r = self.routes.sink.get().map_or(Err(Dropped::RouteGone), |s| s.send(route, packet));
+                            if r.is_err() {
+                                metrics::counter!(m::FLEET_DROPPED, "reason" => "route_gone").increment(1);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                _ = sweep.tick() => {
+                    f.sweep(idle);
+                    metrics::gauge!(m::FLEET_ROUTES).set(f.remote_routes() as f64);
+                }
+            }
+        }
     }
 
     pub fn route_count(&self) -> usize {

@@ -1,6 +1,7 @@
 //! Test support for the end-to-end suites. Everything here is real: real sockets, a real
 //! egress, a real HTTP server on loopback, real NATs in network namespaces ([`nat`]).
 
+pub mod fleet;
 pub mod nat;
 
 use broflake_egress::config::{Backend, Config, LivenessMode};

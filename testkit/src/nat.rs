@@ -40,7 +40,7 @@ pub struct Topology {
     pub b: String,
 }
 
-fn run(args: &[&str]) {
+pub(crate) fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
     assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
@@ -145,19 +145,24 @@ impl Topology {
 
     /// A TCP listener bound inside namespace `ns`.
     pub fn listen(&self, ns: &str, addr: SocketAddr) -> std::net::TcpListener {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: a valid namespace fd; only this short-lived thread changes namespace.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr} in {path}: {e}"));
-            l.set_nonblocking(true).expect("non-blocking");
-            l
-        })
-        .join()
-        .expect("namespace thread panicked")
+        listen_in(ns, addr)
     }
+}
+
+/// A TCP listener (non-blocking) bound inside namespace `ns`.
+pub fn listen_in(ns: &str, addr: SocketAddr) -> std::net::TcpListener {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd; only this short-lived thread changes namespace.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr} in {path}: {e}"));
+        l.set_nonblocking(true).expect("non-blocking");
+        l
+    })
+    .join()
+    .expect("namespace thread panicked")
 }
 
 impl Drop for Topology {

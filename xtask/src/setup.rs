@@ -11,7 +11,7 @@ fn quiet_ok(cmd: &mut Command) -> bool {
 
 /// Everything the test command needs: curl; Prometheus (promtool and the server); coturn
 /// (STUN/TURN), nftables and iproute2 for the NAT tests in network namespaces; Redis for the
-/// signaling replicas' shared store.
+/// signaling replicas' shared store; HAProxy in front of the egress fleet test's two hosts.
 pub fn all() -> Result<()> {
     runtime()?;
     apt(&[
@@ -22,6 +22,7 @@ pub fn all() -> Result<()> {
         ("nft", "nftables"),
         ("ip", "iproute2"),
         ("redis-server", "redis-server"),
+        ("haproxy", "haproxy"),
     ])?;
     fuzz_tools()
 }
