@@ -10,24 +10,19 @@
 //! Its packets for that route go back to the forwarding host, which writes them as DATA on
 //! the original route. Relays and browsers are unchanged; nothing is negotiated with them.
 //!
-//! Datagram (both ways): magic `0xbf`, kind (1: to the owner, 2: back to the forwarder), the
-//! sender's fleet id (u16), the token (u64, the forwarder's route id), then the QUIC packet.
-//! Datagrams are accepted only from the configured peers' addresses.
+//! The datagram and connection-id layouts are `broflake_proto::fleet`. Datagrams are accepted
+//! only from the configured peers' addresses.
 
 use crate::config;
 use crate::metrics as m;
 use crate::quic::Dropped;
+pub use broflake_proto::fleet::{owner, CID_LEN};
+use broflake_proto::fleet::{Datagram, Kind};
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Length of the connection ids a fleet host issues: its id (2 bytes), then 6 random bytes.
-pub const CID_LEN: usize = 8;
-const MAGIC: u8 = 0xbf;
-const TO_OWNER: u8 = 1;
-const BACK: u8 = 2;
-pub const HEADER: usize = 12;
 /// Route ids of packets forwarded here: bit 62 set. The io_uring backend's ids have bit 63
 /// set and the tokio backend's count up from 1, so the three never meet.
 pub const FLEET_ROUTE: u64 = 1 << 62;
@@ -57,17 +52,6 @@ impl quinn::ConnectionIdGenerator for FleetCids {
     fn cid_lifetime(&self) -> Option<Duration> {
         None
     }
-}
-
-/// The fleet id in a short-header packet's destination connection id; `None` for long-header
-/// packets (a handshake belongs to the host that receives it) and runts.
-pub fn owner(packet: &[u8]) -> Option<u16> {
-    let first = *packet.first()?;
-    if first & 0x80 != 0 {
-        return None;
-    }
-    let cid = packet.get(1..1 + CID_LEN)?;
-    Some(u16::from_be_bytes([cid[0], cid[1]]))
 }
 
 /// What a datagram from a peer asks of this host.
@@ -150,7 +134,7 @@ impl Fleet {
         let Some(addr) = self.peers.get(&owner) else {
             return dropped("unknown_owner");
         };
-        self.send(*addr, TO_OWNER, route, packet, "forwarded");
+        self.send(*addr, Kind::ToOwner, route, packet, "forwarded");
     }
 
     /// A packet from our endpoint for a forwarded route: back to the host it came from.
@@ -162,15 +146,13 @@ impl Fleet {
             (rr.peer, rr.token)
         };
         let addr = *self.peers.get(&peer).ok_or(Dropped::RouteGone)?;
-        self.send(addr, BACK, token, packet, "returned");
+        self.send(addr, Kind::Back, token, packet, "returned");
         Ok(())
     }
 
-    fn send(&self, addr: SocketAddr, kind: u8, token: u64, packet: &[u8], way: &'static str) {
-        let mut d = Vec::with_capacity(HEADER + packet.len());
-        d.extend_from_slice(&[MAGIC, kind]);
-        d.extend_from_slice(&self.id.to_be_bytes());
-        d.extend_from_slice(&token.to_be_bytes());
+    fn send(&self, addr: SocketAddr, kind: Kind, token: u64, packet: &[u8], way: &'static str) {
+        let mut d = Vec::with_capacity(broflake_proto::fleet::HEADER + packet.len());
+        d.extend_from_slice(&Datagram::header(kind, self.id, token));
         d.extend_from_slice(packet);
         match self.socket.send_to(&d, addr) {
             Ok(_) => counted(way),
@@ -187,25 +169,22 @@ impl Fleet {
             dropped("unknown_peer");
             return None;
         };
-        if d.len() <= HEADER || d[0] != MAGIC || u16::from_be_bytes([d[2], d[3]]) != peer {
-            dropped("bad_datagram");
-            return None;
-        }
-        let token = u64::from_be_bytes(d[4..12].try_into().expect("8 bytes"));
-        let packet = &d[HEADER..];
-        match d[1] {
-            TO_OWNER => {
-                let route = self.remote_route(peer, token)?;
-                counted("received");
-                Some(Received::ToEndpoint { route, packet })
-            }
-            BACK => {
-                counted("delivered");
-                Some(Received::ToRoute { route: token, packet })
-            }
+        let d = match Datagram::parse(d) {
+            Ok(d) if d.sender == peer => d,
             _ => {
                 dropped("bad_datagram");
-                None
+                return None;
+            }
+        };
+        match d.kind {
+            Kind::ToOwner => {
+                let route = self.remote_route(peer, d.token)?;
+                counted("received");
+                Some(Received::ToEndpoint { route, packet: d.packet })
+            }
+            Kind::Back => {
+                counted("delivered");
+                Some(Received::ToRoute { route: d.token, packet: d.packet })
             }
         }
     }

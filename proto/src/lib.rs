@@ -10,6 +10,7 @@ pub mod binding;
 pub mod client;
 pub mod close;
 pub mod codes;
+pub mod fleet;
 pub mod frame;
 pub mod grease;
 pub mod handshake;
