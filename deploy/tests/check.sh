@@ -4,16 +4,21 @@
 #   systemd-analyze unit verification and security exposure; systemd-sysusers
 #   kubernetes-validate (PyPI; bundles the Kubernetes JSON schemas, works offline)
 #   egress          `check-config` on the example config (when EGRESS_BIN is set)
-# plus the repository's own checks (config keys vs config.rs, metrics used by the
-# dashboard and rules vs egress/src/metrics.rs, sysctl keys).
+#   signal          `check-config` on the signaling example config (when SIGNAL_BIN is set)
+# plus the repository's own checks (config keys vs egress/src/config.rs and
+# signal/src/config.rs, metrics used by the dashboard and rules vs
+# egress/src/metrics.rs, sysctl keys).
 #
 # Usage (as root on Debian 12; installs what is missing, idempotently):
 #   deploy/tests/check.sh
-#   EGRESS_BIN=target/release/egress deploy/tests/check.sh
+#   EGRESS_BIN=target/release/egress SIGNAL_BIN=target/release/signal deploy/tests/check.sh
 #
 # Environment:
 #   EGRESS_BIN          an egress binary: verify the unit against it and run
 #                       check-config on the example configs
+#   SIGNAL_BIN          a signal binary (the signaling service): the same for
+#                       broflake-signal.service, signal.toml and the ConfigMap in
+#                       kubernetes/signal.yaml
 #   BROFLAKE_CHECK_DIR  cache for the Python validator's virtualenv and the
 #                       promtool fallback (default /var/cache/broflake-deploy-check)
 #
@@ -30,6 +35,7 @@ K8S_VALIDATE_VERSION="1.37.0"
 # Kubernetes versions the manifests are validated against (oldest supported, newest bundled).
 K8S_VERSIONS=(1.29.0 1.37.0)
 EGRESS_BIN="${EGRESS_BIN:-}"
+SIGNAL_BIN="${SIGNAL_BIN:-}"
 
 WORK=$(mktemp -d)
 cleanup() { rm -rf "$WORK"; }
@@ -214,37 +220,43 @@ check "metrics: dashboard and rules query only known metric names" known_metrics
 # --- systemd ----------------------------------------------------------------------
 
 UNIT="$DEPLOY/systemd/broflake-egress.service"
-# A copy of the unit whose binary path points into a temporary root that holds
-# EGRESS_BIN (or a stub), because verify requires ExecStart's binary to exist.
+SIGNAL_UNIT="$DEPLOY/systemd/broflake-signal.service"
+# make_unit_root UNIT_FILE BINARY_NAME BINARY: a copy of the unit whose binary path
+# (/usr/local/bin/BINARY_NAME) points into a temporary root that holds BINARY (or
+# a stub when BINARY is empty), because verify requires ExecStart's binary to exist.
 make_unit_root() {
-    local r="$WORK/root"
+    local unit=$1 name=$2 bin=$3 r="$WORK/root"
     mkdir -p "$r/usr/local/bin" "$r/unit"
-    if [ -n "$EGRESS_BIN" ]; then
-        cp "$EGRESS_BIN" "$r/usr/local/bin/egress"
+    if [ -n "$bin" ]; then
+        cp "$bin" "$r/usr/local/bin/$name"
     else
-        printf '#!/bin/sh\nexit 0\n' >"$r/usr/local/bin/egress"
+        printf '#!/bin/sh\nexit 0\n' >"$r/usr/local/bin/$name"
     fi
-    chmod 755 "$r/usr/local/bin/egress"
-    sed "s#/usr/local/bin/egress#$r/usr/local/bin/egress#g" "$UNIT" >"$r/unit/broflake-egress.service"
+    chmod 755 "$r/usr/local/bin/$name"
+    sed "s#/usr/local/bin/$name#$r/usr/local/bin/$name#g" "$unit" >"$r/unit/$(basename "$unit")"
 }
+# unit_verify UNIT_FILE BINARY_NAME BINARY
 unit_verify() {
-    make_unit_root || return 1
-    local out
-    out=$(systemd-analyze verify "$WORK/root/unit/broflake-egress.service" 2>&1)
+    make_unit_root "$@" || return 1
+    local name out
+    name=$(basename "$1" .service)
+    out=$(systemd-analyze verify "$WORK/root/unit/$name.service" 2>&1)
     local rc=$?
     printf '%s\n' "$out"
     # verify exits 0 on some warnings; treat any output about this unit as failure.
-    [ $rc -eq 0 ] && ! printf '%s\n' "$out" | grep -q 'broflake-egress'
+    [ $rc -eq 0 ] && ! printf '%s\n' "$out" | grep -q "$name"
 }
 check "systemd: systemd-analyze verify broflake-egress.service ($([ -n "$EGRESS_BIN" ] && echo "with $EGRESS_BIN" || echo "stub binary"))" \
-    unit_verify
+    unit_verify "$UNIT" egress "$EGRESS_BIN"
 
+# unit_security UNIT_NAME THRESHOLD: exposure 0.0 (locked down) .. 10.0, the
+# threshold in tenths. The egress unit scores ~1.9 (fail above 2.5), the
+# signaling unit ~1.2 (no capabilities, own user namespace; fail above 1.5).
 unit_security() {
-    # Exposure 0.0 (locked down) .. 10.0; the unit scores ~1.9. Fail above 2.5.
-    systemd-analyze security --offline=yes --threshold=25 "$WORK/root/unit/broflake-egress.service" |
+    systemd-analyze security --offline=yes --threshold="$2" "$WORK/root/unit/$1.service" |
         tail -n 1
 }
-check "systemd: systemd-analyze security exposure <= 2.5" unit_security
+check "systemd: systemd-analyze security exposure <= 2.5" unit_security broflake-egress 25
 
 unit_facts() {
     local e=0
@@ -272,6 +284,47 @@ check "systemd: capabilities, fd limit, no reload, stop timeouts above the drain
 
 check "systemd: systemd-sysusers --dry-run broflake-egress.sysusers.conf" \
     systemd-sysusers --dry-run "$DEPLOY/systemd/broflake-egress.sysusers.conf"
+
+# The signaling service's unit, the same way.
+check "systemd: systemd-analyze verify broflake-signal.service ($([ -n "$SIGNAL_BIN" ] && echo "with $SIGNAL_BIN" || echo "stub binary"))" \
+    unit_verify "$SIGNAL_UNIT" signal "$SIGNAL_BIN"
+check "systemd: systemd-analyze security exposure <= 1.5 (broflake-signal.service)" \
+    unit_security broflake-signal 15
+
+signal_unit_facts() {
+    local u="$SIGNAL_UNIT" conf="$DEPLOY/config/signal.toml" e=0
+    grep -qx 'CapabilityBoundingSet=' "$u" || { echo "CapabilityBoundingSet= must be empty (no capabilities)"; e=1; }
+    grep -qx 'AmbientCapabilities=' "$u" || { echo "AmbientCapabilities= must be empty"; e=1; }
+    grep -qE '^SystemCallFilter=.*(bpf|io_uring)' "$u" && { echo "the signaling service needs neither bpf nor io_uring"; e=1; }
+    grep -q '^ExecReload=' "$u" && { echo "ExecReload is not supported by the signaling service"; e=1; }
+    grep -qx 'KillSignal=SIGTERM' "$u" || { echo "KillSignal=SIGTERM (starts the drain) is missing"; e=1; }
+    grep -qx 'ExecStart=/usr/local/bin/signal --config /etc/broflake-signal/signal.toml' "$u" ||
+        { echo "ExecStart changed (binary and config path as in the egress layout)"; e=1; }
+    # Redis is optional: Wants=, never Requires= or BindsTo=.
+    grep -qx 'Wants=redis-server.service' "$u" || { echo "Wants=redis-server.service missing"; e=1; }
+    grep -qE '^(Requires|BindsTo|Requisite)=.*redis' "$u" && { echo "Redis must stay optional (Wants=, not Requires=)"; e=1; }
+    # TimeoutStopSec must exceed the drain grace of the example config + 5 s.
+    local stop grace nofile clients
+    stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s\{0,1\}$/\1/p' "$u")
+    grace=$(sed -n '/^\[drain\]/,/^\[/s/^grace = "\([0-9]*\)s"$/\1/p' "$conf")
+    if [ -z "$stop" ] || [ -z "$grace" ] || [ "$stop" -le $((grace + 5)) ]; then
+        echo "TimeoutStopSec ($stop) must exceed [drain] grace ($grace s) + 5 s"
+        e=1
+    fi
+    # One descriptor per client: LimitNOFILE above [limits] max_clients.
+    nofile=$(sed -n 's/^LimitNOFILE=\([0-9]*\)$/\1/p' "$u")
+    clients=$(sed -n '/^\[limits\]/,/^\[/s/^max_clients = \([0-9]*\)$/\1/p' "$conf")
+    if [ -z "$nofile" ] || [ -z "$clients" ] || [ "$nofile" -le "$clients" ]; then
+        echo "LimitNOFILE ($nofile) must exceed [limits] max_clients ($clients)"
+        e=1
+    fi
+    return $e
+}
+check "systemd: signal unit: no capabilities, Redis optional, stop timeout above the drain grace, fd limit" \
+    signal_unit_facts
+
+check "systemd: systemd-sysusers --dry-run broflake-signal.sysusers.conf" \
+    systemd-sysusers --dry-run "$DEPLOY/systemd/broflake-signal.sysusers.conf"
 
 # --- sysctl -------------------------------------------------------------------------
 
@@ -335,6 +388,37 @@ else
     skip "config: egress check-config deploy/config/egress.toml" "EGRESS_BIN not set"
 fi
 
+SIGNAL_CONFIG="$DEPLOY/config/signal.toml"
+# signal's [[ice_servers]] entries are msg.rs's IceServer.
+check "config: signal.toml documents every key of signal/src/config.rs, and no unknown key" \
+    python3 "$DEPLOY/tests/config_keys.py" "$ROOT/signal/src/config.rs" "$SIGNAL_CONFIG" \
+    --types "$ROOT/signal/src/msg.rs"
+
+# The embedded signal.toml of kubernetes/signal.yaml's ConfigMap.
+extract_signal_configmap_toml() {
+    "$PY" - "$DEPLOY/kubernetes/signal.yaml" >"$WORK/configmap-signal.toml" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap"]
+print(next(d["data"]["signal.toml"] for d in docs if "signal.toml" in d.get("data", {})), end="")
+EOF
+}
+signal_configmap_keys() {
+    extract_signal_configmap_toml &&
+        python3 "$DEPLOY/tests/config_keys.py" "$ROOT/signal/src/config.rs" "$WORK/configmap-signal.toml" \
+            --subset --types "$ROOT/signal/src/msg.rs"
+}
+check "config: kubernetes/signal.yaml's signal.toml has no unknown key" signal_configmap_keys
+
+if [ -n "$SIGNAL_BIN" ]; then
+    check "config: $SIGNAL_BIN check-config deploy/config/signal.toml" "$SIGNAL_BIN" check-config "$SIGNAL_CONFIG"
+    signal_configmap_check_config() {
+        extract_signal_configmap_toml && "$SIGNAL_BIN" check-config "$WORK/configmap-signal.toml"
+    }
+    check "config: $SIGNAL_BIN check-config (kubernetes/signal.yaml's signal.toml)" signal_configmap_check_config
+else
+    skip "config: signal check-config deploy/config/signal.toml" "SIGNAL_BIN not set"
+fi
+
 # --- Kubernetes ------------------------------------------------------------------------
 
 for v in "${K8S_VERSIONS[@]}"; do
@@ -360,6 +444,71 @@ assert not any("bpf" in (v.get("hostPath") or {}).get("path", "") for v in spec.
 EOF
 }
 check "kubernetes: hostNetwork, capabilities, probes as documented" k8s_facts
+
+# kubernetes/signal.yaml: replicas sharing one Redis, rolled out without losing
+# capacity, draining within the grace period, non-root without capabilities.
+signal_k8s_facts() {
+    "$PY" - "$DEPLOY/kubernetes/signal.yaml" <<'EOF'
+import re, sys, tomllib, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+for d in docs:
+    assert d["metadata"].get("namespace") == "broflake", f"{d['kind']}/{d['metadata']['name']}: namespace broflake"
+dep = by[("Deployment", "broflake-signal")]
+redis = by[("Deployment", "broflake-signal-redis")]
+conf = tomllib.loads(by[("ConfigMap", "broflake-signal")]["data"]["signal.toml"])
+svc = by[("Service", "broflake-signal")]
+rsvc = by[("Service", "broflake-signal-redis")]
+pdb = by[("PodDisruptionBudget", "broflake-signal")]
+
+assert dep["spec"]["replicas"] >= 2, "at least two replicas"
+st = dep["spec"]["strategy"]
+assert st["type"] == "RollingUpdate" and st["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}, st
+spec = dep["spec"]["template"]["spec"]
+c = spec["containers"][0]
+args = c["args"]
+assert args[args.index("--replica") + 1] == "$(POD_NAME)", args
+assert args[args.index("--admin") + 1] == "0.0.0.0:9091", args
+assert args[args.index("--config") + 1] == "/etc/broflake-signal/signal.toml", args
+env = {e["name"]: e for e in c["env"]}
+assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", env
+assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}, c["readinessProbe"]
+assert c["livenessProbe"]["httpGet"] == {"path": "/live", "port": "admin"}, c["livenessProbe"]
+ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+assert ports == {"ws": 8090, "admin": 9091}, ports
+assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == ports, svc["spec"]["ports"]
+
+grace = int(re.fullmatch(r"(\d+)s", conf.get("drain", {}).get("grace", "10s")).group(1))
+tgp = spec["terminationGracePeriodSeconds"]
+assert tgp > grace + 5, f"terminationGracePeriodSeconds ({tgp}) must exceed [drain] grace ({grace} s) + 5 s"
+
+assert conf["store"]["kind"] == "redis", conf["store"]
+m = re.fullmatch(r"redis://([\w.-]+):(\d+)/\d+", conf["store"]["url"])
+assert m and m.group(1) == rsvc["metadata"]["name"], f"store.url must name the Service {rsvc['metadata']['name']}"
+assert int(m.group(2)) == rsvc["spec"]["ports"][0]["port"], "store.url port"
+assert "replica" not in conf["store"], "store.replica comes from --replica $(POD_NAME): one per pod"
+
+assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"] == dep["spec"]["selector"], pdb["spec"]
+
+for d in (dep, redis):
+    ps = d["spec"]["template"]["spec"]
+    assert ps["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", d["metadata"]["name"]
+    for k in ps["containers"]:
+        sc = k["securityContext"]
+        assert ps["securityContext"].get("runAsNonRoot") or sc.get("runAsNonRoot"), f"{k['name']}: runAsNonRoot"
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, k["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, f"{k['name']}: drop ALL, add nothing"
+
+assert redis["spec"]["replicas"] == 1 and redis["spec"]["strategy"]["type"] == "Recreate", "one Redis, never two"
+rc = redis["spec"]["template"]["spec"]["containers"][0]
+ra = rc["args"]
+assert ra[ra.index("--save") + 1] == "" and ra[ra.index("--appendonly") + 1] == "no", ra
+for probe in ("readinessProbe", "livenessProbe"):
+    assert rc[probe]["exec"]["command"][:2] == ["redis-cli", "ping"], probe
+print(f"{len(docs)} documents")
+EOF
+}
+check "kubernetes: signal.yaml: replicas, rollout, drain, Redis, security as documented" signal_k8s_facts
 
 # --- Summary ---------------------------------------------------------------------------
 

@@ -231,7 +231,10 @@ fn test(fuzz_seconds: u64) -> Result<()> {
         eprintln!("xtask test: no doc tests in the workspace (no code block in a doc comment)");
     }
     // Deployment material: unit, sysctl, rules (+ rule unit tests), dashboards, manifests.
-    sh(Command::new("bash").arg("deploy/tests/check.sh").env("EGRESS_BIN", "target/debug/egress"))?;
+    sh(Command::new("bash")
+        .arg("deploy/tests/check.sh")
+        .env("EGRESS_BIN", "target/debug/egress")
+        .env("SIGNAL_BIN", "target/debug/signal"))?;
     // The browser relay, in real Chromium, against the real egress and native consumer.
     sh(Command::new("node")
         .args(["--test", "test/"])
