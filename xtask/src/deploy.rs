@@ -20,6 +20,15 @@ pub const LAYOUT: &[(&str, &str)] = &[
 /// Where the binary goes.
 pub const BINARY: &str = "usr/local/bin/egress";
 
+/// The signaling service, installed beside the egress when its binary was built next to the
+/// egress's (`target/release/signal`); not enabled: one host of a fleet runs it, or none.
+pub const SIGNAL_LAYOUT: &[(&str, &str)] = &[
+    ("deploy/config/signal.toml", "etc/broflake-signal/signal.toml"),
+    ("deploy/systemd/broflake-signal.service", "etc/systemd/system/broflake-signal.service"),
+    ("deploy/systemd/broflake-signal.sysusers.conf", "usr/lib/sysusers.d/broflake-signal.conf"),
+];
+pub const SIGNAL_BINARY: &str = "usr/local/bin/signal";
+
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     if from.is_dir() {
         std::fs::create_dir_all(to)?;
@@ -56,6 +65,24 @@ pub fn install_root(root: &Path, binary: &Path, dry_run: bool) -> Result<()> {
         step(format!("install {src} -> {}", to.display()));
         if !dry_run {
             copy_tree(Path::new(src), &to)?;
+        }
+    }
+    let signal = binary.with_file_name("signal");
+    if signal.exists() {
+        step(format!("install {} -> {}", signal.display(), root.join(SIGNAL_BINARY).display()));
+        if !dry_run {
+            copy_tree(&signal, &root.join(SIGNAL_BINARY))?;
+            set_mode(&root.join(SIGNAL_BINARY), 0o755)?;
+        }
+        for (src, dst) in SIGNAL_LAYOUT {
+            let mut to = root.join(dst);
+            if src.ends_with(".toml") && to.exists() {
+                to = to.with_extension("toml.dist");
+            }
+            step(format!("install {src} -> {}", to.display()));
+            if !dry_run {
+                copy_tree(Path::new(src), &to)?;
+            }
         }
     }
     let state = root.join("var/lib/broflake-egress");
