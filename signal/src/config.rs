@@ -75,7 +75,7 @@ pub struct Timeouts {
 #[serde(deny_unknown_fields, default)]
 pub struct Store {
     /// `memory`: this process alone. `redis`: one of several replicas sharing waiting
-    /// volunteers and pending matches in Redis at `url` (docs/SIGNALING.md §9).
+    /// volunteers and pending matches in Redis at `url` (docs/SIGNALING.md §13).
     pub kind: String,
     /// `redis://HOST:PORT/DB` (`rediss://` for TLS is not built in).
     pub url: String,

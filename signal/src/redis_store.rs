@@ -1,4 +1,4 @@
-//! The shared store on Redis (docs/SIGNALING.md §9): carries out a hub's [`StoreOp`]s and
+//! The shared store on Redis (docs/SIGNALING.md §13): carries out a hub's [`StoreOp`]s and
 //! brings other replicas' [`Relay`]s in.
 //!
 //! Keys (all under the configured prefix, `broflake:` by default):
@@ -133,6 +133,35 @@ if n == 0 then redis.call('DEL', KEYS[1]) end
 return n
 "#;
 
+/// Removes every volunteer of this replica from the store (before announcing those connected
+/// now: entries left by a predecessor under the same id, or by volunteers that left while
+/// Redis was unreachable, must not stay pickable). KEYS[1] the ready set; ARGV[1] the key
+/// pattern, ARGV[2] the `vol:` key prefix.
+const FORGET_REPLICA: &str = r#"
+local cursor, n = "0", 0
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = r[1]
+  for _, k in ipairs(r[2]) do
+    redis.call('DEL', k)
+    redis.call('ZREM', KEYS[1], string.sub(k, #ARGV[2] + 1))
+    n = n + 1
+  end
+until cursor == "0"
+return n
+"#;
+
+/// `s` with the glob characters of Redis's MATCH escaped.
+fn glob_escape(s: &str) -> String {
+    s.chars().fold(String::new(), |mut o, c| {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            o.push('\\');
+        }
+        o.push(c);
+        o
+    })
+}
+
 struct Scripts {
     pick: Script,
     slots: Script,
@@ -214,6 +243,16 @@ impl RedisStore {
         pubsub.subscribe(self.key(&format!("to:{}", self.replica))).await?;
         pubsub.subscribe(self.key("all")).await?;
         self.heartbeat(&mut con).await?;
+        let vol_prefix = self.key("vol:");
+        let stale: i64 = Script::new(FORGET_REPLICA)
+            .key(self.key("ready"))
+            .arg(format!("{}{}.*", glob_escape(&vol_prefix), glob_escape(&self.replica)))
+            .arg(&vol_prefix)
+            .invoke_async(&mut con)
+            .await?;
+        if stale > 0 {
+            tracing::info!(stale, "forgot this replica's volunteers left in the store; announcing those connected now");
+        }
         // A restarted Redis has forgotten this replica's volunteers: announce them again.
         let (reply, rx) = oneshot::channel();
         if events.send(StoreEvent::Resync { reply }).await.is_ok() {

@@ -1,4 +1,4 @@
-//! What signaling replicas share (docs/SIGNALING.md §9), sans-IO: the requests a hub in
+//! What signaling replicas share (docs/SIGNALING.md §13), sans-IO: the requests a hub in
 //! shared mode makes of its store ([`StoreOp`]) and the messages replicas pass each other
 //! through it ([`Relay`]).
 //!

@@ -270,3 +270,27 @@ async fn redis_restarted_replicas_report_not_ready_answer_at_once_and_recover() 
     let ev = event(&mut v.events).await;
     assert!(matches!(&ev, VolunteerEvent::Offer { session, .. } if *session == c.session), "{ev:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_under_its_id_leaves_no_volunteer_of_its_predecessor_to_pick() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let port = free_port();
+    let _redis = redis(port);
+    let a = Replica::start("a", port, &[]);
+    let b = Replica::start("b", port, &[]);
+    let mut old = Volunteer::register(a.conn().await, 1).await.expect("register at a");
+    // Killed: it never tells the store that its volunteer is gone.
+    drop(a);
+    assert!(matches!(event(&mut old.events).await, VolunteerEvent::Closed { .. }));
+    // The same id again (a pod name kept across a container restart).
+    let _a = Replica::start("a", port, &[]);
+    let mut v = Volunteer::register(b.conn().await, 1).await.expect("register at b");
+    // The predecessor's volunteer, first in the round robin, is not offered this session:
+    // the new volunteer hears the offer at once, not after an answer timeout (10 s).
+    let c = ConsumerRequest::start(b.conn().await, SDP, T).await.expect("matched");
+    let ev = event(&mut v.events).await;
+    assert!(matches!(&ev, VolunteerEvent::Offer { session, .. } if *session == c.session), "{ev:?}");
+}

@@ -74,6 +74,10 @@ impl Hub {
             Relay::ToVolunteer { client, msg } => {
                 if matches!(self.clients.get(&client), Some(Client { role: Role::Volunteer { .. }, .. })) {
                     self.send(client, msg.into());
+                } else {
+                    // No such volunteer here (it left, and the store did not hear of it):
+                    // remove it everywhere, so its sessions move on and no pick finds it.
+                    self.store(StoreOp::VolunteerGone { client });
                 }
             }
             Relay::FromVolunteer { session, volunteer, msg } => {
