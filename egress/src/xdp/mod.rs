@@ -61,7 +61,8 @@ pub struct XdpConfig {
     pub sweep_interval: Duration,
     /// Interfaces to attach to (native mode, else generic). Empty: load only.
     pub interfaces: Vec<String>,
-    /// Most flows tracked at once (the table is preallocated: ~100 bytes each).
+    /// Most flows tracked at once. The table's buckets (16 B per power-of-two slot) are
+    /// allocated at load, its entries (112 B) as flows appear.
     pub map_capacity: u32,
 }
 
