@@ -151,10 +151,10 @@ impl Fleet {
     }
 
     fn send(&self, addr: SocketAddr, kind: Kind, token: u64, packet: &[u8], way: &'static str) {
-        let mut d = Vec::with_capacity(broflake_proto::fleet::HEADER + packet.len());
-        d.extend_from_slice(&Datagram::header(kind, self.id, token));
-        d.extend_from_slice(packet);
-        match self.socket.send_to(&d, addr) {
+        // Header and packet as two pieces of one datagram: no copy of the packet.
+        let header = Datagram::header(kind, self.id, token);
+        let parts = [std::io::IoSlice::new(&header), std::io::IoSlice::new(packet)];
+        match socket2::SockRef::from(&self.socket).send_to_vectored(&parts, &addr.into()) {
             Ok(_) => counted(way),
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "fleet send failed");
