@@ -448,9 +448,9 @@ impl Hub {
             Incoming::Ping => self.send(id, Outgoing::Pong),
             Incoming::Unknown(_) => self.stats.unknown_types += 1,
             Incoming::Volunteer { versions, slots } if pending => {
-                let Some(_version) = msg::negotiate(&versions) else {
+                if msg::negotiate(&versions).is_none() {
                     return self.fail(id, ErrorCode::UnsupportedVersion, "this service speaks version 1");
-                };
+                }
                 if self.draining {
                     self.send(
                         id,

@@ -163,6 +163,7 @@ fn glob_escape(s: &str) -> String {
 }
 
 struct Scripts {
+    forget_replica: Script,
     pick: Script,
     slots: Script,
     give_back: Script,
@@ -183,6 +184,7 @@ impl RedisStore {
         ready: Arc<AtomicBool>,
     ) {
         let scripts = Scripts {
+            forget_replica: Script::new(FORGET_REPLICA),
             pick: Script::new(PICK),
             slots: Script::new(SLOTS),
             give_back: Script::new(GIVE_BACK),
@@ -191,7 +193,7 @@ impl RedisStore {
         let mut backoff = Duration::from_millis(100);
         let mut logged_down = false;
         loop {
-            match self.connect(&events).await {
+            match self.connect(&scripts, &events).await {
                 Ok((mut con, mut pubsub)) => {
                     tracing::info!(url = %self.url, replica = %self.replica, "shared store connected");
                     logged_down = false;
@@ -230,6 +232,7 @@ impl RedisStore {
     /// Connects, subscribes, announces this replica and its volunteers.
     async fn connect(
         &self,
+        scripts: &Scripts,
         events: &mpsc::Sender<StoreEvent>,
     ) -> redis::RedisResult<(MultiplexedConnection, redis::aio::PubSubStream)> {
         let client = redis::Client::open(self.url.as_str())?;
@@ -244,7 +247,8 @@ impl RedisStore {
         pubsub.subscribe(self.key("all")).await?;
         self.heartbeat(&mut con).await?;
         let vol_prefix = self.key("vol:");
-        let stale: i64 = Script::new(FORGET_REPLICA)
+        let stale: i64 = scripts
+            .forget_replica
             .key(self.key("ready"))
             .arg(format!("{}{}.*", glob_escape(&vol_prefix), glob_escape(&self.replica)))
             .arg(&vol_prefix)
@@ -257,9 +261,8 @@ impl RedisStore {
         let (reply, rx) = oneshot::channel();
         if events.send(StoreEvent::Resync { reply }).await.is_ok() {
             if let Ok(vols) = rx.await {
-                let scripts = Script::new(SLOTS);
                 for (client, free) in vols {
-                    self.slots(&scripts, &mut con, client, free).await?;
+                    self.slots(&scripts.slots, &mut con, client, free).await?;
                 }
             }
         }

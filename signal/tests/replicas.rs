@@ -64,12 +64,11 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(name: &str, redis_port: u16, extra: &[&str]) -> Replica {
+    fn start(name: &str, redis_port: u16) -> Replica {
         let store = format!("redis://127.0.0.1:{redis_port}/");
         let mut child = Command::new(env!("CARGO_BIN_EXE_signal"))
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log", "info"])
             .args(["--store", &store, "--replica", name])
-            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -129,6 +128,18 @@ impl Replica {
     }
 }
 
+/// Redis and replicas "a" and "b" on it, or `None` (skipped, with the reason printed).
+fn fleet() -> Option<(Killed, u16, Replica, Replica)> {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let port = free_port();
+    let redis = redis(port);
+    let (a, b) = (Replica::start("a", port), Replica::start("b", port));
+    Some((redis, port, a, b))
+}
+
 async fn event<E: std::fmt::Debug>(rx: &mut tokio::sync::mpsc::Receiver<E>) -> E {
     tokio::time::timeout(T, rx.recv()).await.expect("an event in time").expect("the connection is open")
 }
@@ -139,14 +150,7 @@ fn cand(n: u32) -> Candidate {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volunteer_on_one_replica_serves_a_consumer_on_the_other() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let port = free_port();
-    let _redis = redis(port);
-    let a = Replica::start("a", port, &[]);
-    let b = Replica::start("b", port, &[]);
+    let Some((_redis, _, a, b)) = fleet() else { return };
 
     let mut v = Volunteer::register(a.conn().await, 2).await.expect("register at a");
     assert!(v.id.starts_with("a."), "a volunteer's id names its replica: {}", v.id);
@@ -186,16 +190,8 @@ async fn a_volunteer_on_one_replica_serves_a_consumer_on_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_match_the_clients_retry_on_the_other_and_succeed() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let port = free_port();
-    let _redis = redis(port);
-
+    let Some((_redis, port, mut a, b)) = fleet() else { return };
     // The consumer's replica dies after the offer went to the volunteer.
-    let mut a = Replica::start("a", port, &[]);
-    let b = Replica::start("b", port, &[]);
     let mut v = Volunteer::register(b.conn().await, 1).await.expect("register at b");
     let mut c = ConsumerRequest::start(a.conn().await, SDP, T).await.expect("matched at a");
     let VolunteerEvent::Offer { session, .. } = event(&mut v.events).await else { panic!("expected the offer") };
@@ -217,7 +213,7 @@ async fn a_replica_killed_mid_match_the_clients_retry_on_the_other_and_succeed()
 
     // The volunteer's replica dies after the offer reached it: the volunteer registers again
     // at the other; the consumer's session moves on to it (no new request).
-    let a = Replica::start("a2", port, &[]);
+    let a = Replica::start("a2", port);
     let mut v = Volunteer::register(a.conn().await, 1).await.expect("register at a2");
     let mut c = ConsumerRequest::start(b.conn().await, SDP, T).await.expect("matched at b");
     let VolunteerEvent::Offer { session, .. } = event(&mut v.events).await else { panic!("expected the offer") };
@@ -237,14 +233,7 @@ async fn a_replica_killed_mid_match_the_clients_retry_on_the_other_and_succeed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_replicas_report_not_ready_answer_at_once_and_recover() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let port = free_port();
-    let redis_proc = redis(port);
-    let mut a = Replica::start("a", port, &[]);
-    let mut b = Replica::start("b", port, &[]);
+    let Some((redis_proc, port, mut a, mut b)) = fleet() else { return };
     let mut v = Volunteer::register(a.conn().await, 1).await.expect("register at a");
     assert_eq!((a.ready(), b.ready()), (200, 200));
 
@@ -273,20 +262,13 @@ async fn redis_restarted_replicas_report_not_ready_answer_at_once_and_recover() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_under_its_id_leaves_no_volunteer_of_its_predecessor_to_pick() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let port = free_port();
-    let _redis = redis(port);
-    let a = Replica::start("a", port, &[]);
-    let b = Replica::start("b", port, &[]);
+    let Some((_redis, port, a, b)) = fleet() else { return };
     let mut old = Volunteer::register(a.conn().await, 1).await.expect("register at a");
     // Killed: it never tells the store that its volunteer is gone.
     drop(a);
     assert!(matches!(event(&mut old.events).await, VolunteerEvent::Closed { .. }));
     // The same id again (a pod name kept across a container restart).
-    let _a = Replica::start("a", port, &[]);
+    let _a = Replica::start("a", port);
     let mut v = Volunteer::register(b.conn().await, 1).await.expect("register at b");
     // The predecessor's volunteer, first in the round robin, is not offered this session:
     // the new volunteer hears the offer at once, not after an answer timeout (10 s).

@@ -3,7 +3,7 @@
 
 use super::{Client, Hub, Role, Vol};
 use crate::hub::ClientId;
-use crate::msg::{self, ErrorCode, Outgoing, SessionId};
+use crate::msg::{ErrorCode, Outgoing, SessionId};
 use crate::shared::{FromVolunteer, Relay, RouteFailure, StoreOp, VolunteerRef};
 
 impl Hub {
@@ -45,7 +45,7 @@ impl Hub {
     /// (none free, or the store unreachable).
     pub fn picked(&mut self, now: u64, session: SessionId, volunteer: Option<VolunteerRef>) {
         let v = volunteer.map(|r| self.vol(r));
-        self.found(now, session, v, msg::VERSION);
+        self.found(now, session, v);
     }
 
     /// The store could not pass volunteer `client`'s message about `session` to its owner.

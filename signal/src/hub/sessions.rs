@@ -103,9 +103,9 @@ impl Hub {
     }
 
     pub(super) fn on_consumer(&mut self, now: u64, id: ClientId, versions: &[u32], offer: String) {
-        let Some(version) = msg::negotiate(versions) else {
+        if msg::negotiate(versions).is_none() {
             return self.fail(id, ErrorCode::UnsupportedVersion, "this service speaks version 1");
-        };
+        }
         let ip = self.clients[&id].ip;
         let (burst, rate) = (f64::from(self.cfg.consumer_burst), f64::from(self.cfg.consumer_per_sec));
         let st = self.ips.get_mut(&ip).expect("a connected client's ip");
@@ -142,12 +142,12 @@ impl Hub {
         );
         self.clients.get_mut(&id).expect("exists").role = Role::Consumer { session: Some(sid) };
         self.timer(now + self.cfg.session_ttl, Timer::Expire(sid));
-        self.pick_for(now, sid, version);
+        self.pick_for(now, sid);
     }
 
     /// Finds the session a volunteer: at once from this hub's own, or through the store
     /// (shared mode; [`Hub::picked`] goes on from there).
-    pub(super) fn pick_for(&mut self, now: u64, sid: SessionId, version: u32) {
+    pub(super) fn pick_for(&mut self, now: u64, sid: SessionId) {
         let Some(s) = self.sessions.get_mut(&sid) else { return };
         s.state = SessionState::Picking;
         if let Some(sh) = &mut self.shared {
@@ -165,11 +165,11 @@ impl Hub {
         }
         let tried = s.tried.clone();
         let v = self.pick(&tried).map(Vol::Local);
-        self.found(now, sid, v, version);
+        self.found(now, sid, v);
     }
 
     /// A volunteer for session `sid` (or none is free): offer it, or tell the consumer.
-    pub(super) fn found(&mut self, now: u64, sid: SessionId, v: Option<Vol>, version: u32) {
+    pub(super) fn found(&mut self, now: u64, sid: SessionId, v: Option<Vol>) {
         let Some(s) = self.sessions.get(&sid) else {
             // The consumer left meanwhile.
             if let Some(v) = v {
@@ -182,7 +182,7 @@ impl Hub {
             Some(v) => {
                 if first {
                     let ttl_ms = self.cfg.session_ttl;
-                    self.send(consumer, Outgoing::Matched { version, session: sid, ttl_ms });
+                    self.send(consumer, Outgoing::Matched { version: msg::VERSION, session: sid, ttl_ms });
                 }
                 self.offer_to(now, sid, v);
             }
@@ -242,9 +242,9 @@ impl Hub {
         let Some(s) = self.sessions.get_mut(&sid) else { return };
         s.why = why;
         if (s.tried.len() as u32) < self.cfg.max_attempts {
-            self.pick_for(now, sid, msg::VERSION);
+            self.pick_for(now, sid);
         } else {
-            self.found(now, sid, None, msg::VERSION);
+            self.found(now, sid, None);
         }
     }
 
