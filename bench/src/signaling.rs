@@ -3,12 +3,13 @@
 //! half of the matches cross replicas). The real `signal` binary and Debian's redis-server;
 //! volunteers (answering every offer at once) and consumers run in this process.
 
+use crate::Procs;
 use anyhow::{bail, Context, Result};
 use broflake_signal::client::{ConsumerEvent, ConsumerRequest, SignalConn, Volunteer, VolunteerEvent};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize, Clone)]
@@ -22,20 +23,12 @@ pub struct MatchRow {
     pub matches_per_sec: Vec<f64>,
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn redis() -> Result<(Killed, u16)> {
+/// redis-server on a free port (killed with `procs`); its port once it accepts connections.
+fn redis(procs: &mut Procs) -> Result<u16> {
     let port = free_port()?;
     let mut c = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -43,17 +36,18 @@ fn redis() -> Result<(Killed, u16)> {
         .spawn()
         .context("redis-server is needed: apt-get install redis-server")?;
     let out = c.stdout.take().context("stdout")?;
-    let c = Killed(c);
+    procs.0.push(c);
     let mut lines = BufReader::new(out).lines();
     if !lines.by_ref().map_while(Result::ok).any(|l| l.contains("Ready to accept connections")) {
         bail!("redis-server did not start");
     }
     std::thread::spawn(move || lines.for_each(drop));
-    Ok((c, port))
+    Ok(port)
 }
 
-/// A replica with limits out of the way (every client comes from 127.0.0.1); its URL.
-fn replica(bin: &Path, cfg: &Path, store: Option<(u16, &str)>) -> Result<(Killed, String)> {
+/// A replica with limits out of the way (every client comes from 127.0.0.1), killed with
+/// `procs`; its URL.
+fn replica(procs: &mut Procs, bin: &Path, cfg: &Path, store: Option<(u16, &str)>) -> Result<String> {
     let mut cmd = Command::new(bin.join("signal"));
     cmd.args(["--listen", "127.0.0.1:0", "--admin", "off", "--log", "warn", "--config"]).arg(cfg);
     if let Some((port, name)) = store {
@@ -61,7 +55,7 @@ fn replica(bin: &Path, cfg: &Path, store: Option<(u16, &str)>) -> Result<(Killed
     }
     let mut c = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
     let out = c.stdout.take().context("stdout")?;
-    let c = Killed(c);
+    procs.0.push(c);
     let mut lines = BufReader::new(out).lines();
     let url = lines
         .by_ref()
@@ -69,18 +63,29 @@ fn replica(bin: &Path, cfg: &Path, store: Option<(u16, &str)>) -> Result<(Killed
         .find_map(|l| l.strip_prefix("signaling on ").map(str::to_string))
         .context("the replica's URL")?;
     std::thread::spawn(move || lines.for_each(drop));
-    Ok((c, url))
+    Ok(url)
 }
 
-/// `n` volunteers and then `n` consumers (200 in flight), spread over `urls` round robin;
-/// matches per second over the consumers' phase.
-async fn matches(urls: &[String], n: usize) -> Result<f64> {
-    let mut volunteers = Vec::new();
+/// Volunteers answering every offer at once, registered round robin at `urls`; they stay
+/// registered until the value is dropped.
+#[derive(Debug)]
+pub struct Volunteers(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Volunteers {
+    fn drop(&mut self) {
+        for v in &self.0 {
+            v.abort();
+        }
+    }
+}
+
+pub async fn volunteers(urls: &[String], n: usize) -> Result<Volunteers> {
+    let mut tasks = Volunteers(Vec::with_capacity(n));
     for i in 0..n {
         let conn = SignalConn::connect(&urls[i % urls.len()], None, Duration::from_secs(10)).await?;
         let mut v = Volunteer::register(conn, 1).await?;
         let h = v.handle.clone();
-        volunteers.push(tokio::spawn(async move {
+        tasks.0.push(tokio::spawn(async move {
             while let Some(ev) = v.events.recv().await {
                 if let VolunteerEvent::Offer { session, .. } = ev {
                     h.answer(session, "v=0\r\n").await;
@@ -88,11 +93,17 @@ async fn matches(urls: &[String], n: usize) -> Result<f64> {
             }
         }));
     }
+    Ok(tasks)
+}
+
+/// `n` consumers (200 in flight) spread over `urls` round robin, each until its answer;
+/// matches per second.
+pub async fn consumers(urls: &[String], n: usize) -> Result<f64> {
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
-        // The other replica than the volunteer with the same index: with two, half the
-        // matches (round robin over the fleet) cross replicas.
+        // Starting at the second URL: with two replicas and volunteers placed from the first,
+        // half the matches (round robin over the fleet) cross replicas.
         let url = urls[(i + 1) % urls.len()].clone();
         tasks.spawn(async move {
             let conn = SignalConn::connect(&url, None, Duration::from_secs(30)).await?;
@@ -109,11 +120,7 @@ async fn matches(urls: &[String], n: usize) -> Result<f64> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    let rate = n as f64 / t.elapsed().as_secs_f64();
-    for v in volunteers {
-        v.abort();
-    }
-    Ok(rate)
+    Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
 /// The three set-ups, `rounds` times each, interleaved.
@@ -139,22 +146,20 @@ pub fn run(bin: &Path, n: usize, rounds: usize) -> Result<Vec<MatchRow>> {
     for _ in 0..rounds {
         for row in &mut rows {
             // A fresh Redis and fresh replicas per measurement.
-            let mut procs = Vec::new();
+            let mut procs = Procs(Vec::new());
             let mut urls = Vec::new();
             if row.setup == "memory" {
-                let (p, u) = replica(bin, &cfg, None)?;
-                procs.push(p);
-                urls.push(u);
+                urls.push(replica(&mut procs, bin, &cfg, None)?);
             } else {
-                let (r, port) = redis()?;
-                procs.push(r);
+                let port = redis(&mut procs)?;
                 for i in 0..row.replicas {
-                    let (p, u) = replica(bin, &cfg, Some((port, &format!("r{i}"))))?;
-                    procs.push(p);
-                    urls.push(u);
+                    urls.push(replica(&mut procs, bin, &cfg, Some((port, &format!("r{i}"))))?);
                 }
             }
-            let rate = rt.block_on(matches(&urls, n))?;
+            let rate = rt.block_on(async {
+                let _volunteers = volunteers(&urls, n).await?;
+                consumers(&urls, n).await
+            })?;
             eprintln!("signaling {}: {rate:.0} matches/s", row.setup);
             row.matches_per_sec.push(rate);
         }

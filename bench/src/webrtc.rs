@@ -10,12 +10,11 @@
 //! volunteers of the matching measurement run in this process (the library the CLI uses).
 
 use crate::Procs;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use broflake_client::consumer::ConsumerConfig;
 use broflake_client::link::TlsMode;
 use broflake_client::local_proxy::{ConsumerOptions, ConsumerService};
 use broflake_client::signaled::SignalSource;
-use broflake_signal::client::{ConsumerEvent, ConsumerRequest, SignalConn, Volunteer, VolunteerEvent};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -203,48 +202,14 @@ async fn measure(bin: &Path, consumers: usize, matching: usize) -> Result<Webrtc
     procs.0.truncate(3);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = crate::procfs::rss_bytes(signal_pid).unwrap_or(0);
-    let mut handles = Vec::new();
-    for _ in 0..matching {
-        let conn = SignalConn::connect(&url, None, Duration::from_secs(10)).await?;
-        let mut v = Volunteer::register(conn, 1).await?;
-        let h = v.handle.clone();
-        handles.push(tokio::spawn(async move {
-            while let Some(ev) = v.events.recv().await {
-                if let VolunteerEvent::Offer { session, .. } = ev {
-                    h.answer(session, "v=0\r\n").await;
-                }
-            }
-        }));
-    }
+    let volunteers = crate::signaling::volunteers(std::slice::from_ref(&url), matching).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = crate::procfs::rss_bytes(signal_pid).unwrap_or(0);
     results.signal_bytes_per_volunteer = after.saturating_sub(before) as f64 / matching.max(1) as f64;
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..matching {
-        let url = url.clone();
-        tasks.spawn(async move {
-            let conn = SignalConn::connect(&url, None, Duration::from_secs(30)).await?;
-            let mut req = ConsumerRequest::start(conn, "v=0\r\n", Duration::from_secs(30)).await?;
-            match req.events.recv().await {
-                Some(ConsumerEvent::Answer { .. }) => Ok::<_, anyhow::Error>(()),
-                other => bail!("no answer: {other:?}"),
-            }
-        });
-        // Bounded concurrency: 200 in flight.
-        while tasks.len() >= 200 {
-            tasks.join_next().await.context("a consumer task")???;
-        }
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
-    results.matches_per_sec = matching as f64 / t.elapsed().as_secs_f64();
+    results.matches_per_sec = crate::signaling::consumers(std::slice::from_ref(&url), matching).await?;
     results.volunteers = matching;
     results.consumers = consumers;
-    for h in handles {
-        h.abort();
-    }
+    drop(volunteers);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
 }
