@@ -45,51 +45,50 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Installs the layout under `root`. An existing configuration is kept (upgrades must not
-/// overwrite the operator's settings); the new example lands next to it as `.dist`.
+/// Installs the layout under `root` (and the signaling service's, when its binary was built
+/// next to the egress's).
 pub fn install_root(root: &Path, binary: &Path, dry_run: bool) -> Result<()> {
     let step = |what: String| eprintln!("{}{what}", if dry_run { "would: " } else { "+ " });
     if !binary.exists() {
         bail!("no binary at {} (build it with `cargo build --release --bin egress`)", binary.display());
     }
-    step(format!("install {} -> {}", binary.display(), root.join(BINARY).display()));
-    if !dry_run {
-        copy_tree(binary, &root.join(BINARY))?;
-        set_mode(&root.join(BINARY), 0o755)?;
-    }
-    for (src, dst) in LAYOUT {
-        let mut to = root.join(dst);
-        if *src == "deploy/config/egress.toml" && to.exists() {
-            to = to.with_extension("toml.dist");
-        }
-        step(format!("install {src} -> {}", to.display()));
-        if !dry_run {
-            copy_tree(Path::new(src), &to)?;
-        }
-    }
+    install_binary(binary, &root.join(BINARY), dry_run)?;
+    install_files(root, LAYOUT, dry_run)?;
     let signal = binary.with_file_name("signal");
     if signal.exists() {
-        step(format!("install {} -> {}", signal.display(), root.join(SIGNAL_BINARY).display()));
-        if !dry_run {
-            copy_tree(&signal, &root.join(SIGNAL_BINARY))?;
-            set_mode(&root.join(SIGNAL_BINARY), 0o755)?;
-        }
-        for (src, dst) in SIGNAL_LAYOUT {
-            let mut to = root.join(dst);
-            if src.ends_with(".toml") && to.exists() {
-                to = to.with_extension("toml.dist");
-            }
-            step(format!("install {src} -> {}", to.display()));
-            if !dry_run {
-                copy_tree(Path::new(src), &to)?;
-            }
-        }
+        install_binary(&signal, &root.join(SIGNAL_BINARY), dry_run)?;
+        install_files(root, SIGNAL_LAYOUT, dry_run)?;
     }
     let state = root.join("var/lib/broflake-egress");
     step(format!("mkdir {} (mode 0700)", state.display()));
     if !dry_run {
         std::fs::create_dir_all(&state)?;
         set_mode(&state, 0o700)?;
+    }
+    Ok(())
+}
+
+fn install_binary(from: &Path, to: &Path, dry_run: bool) -> Result<()> {
+    eprintln!("{}install {} -> {}", if dry_run { "would: " } else { "+ " }, from.display(), to.display());
+    if !dry_run {
+        copy_tree(from, to)?;
+        set_mode(to, 0o755)?;
+    }
+    Ok(())
+}
+
+/// Copies `layout` under `root`. An existing configuration file is kept (upgrades must not
+/// overwrite the operator's settings); the new example lands next to it as `.toml.dist`.
+fn install_files(root: &Path, layout: &[(&str, &str)], dry_run: bool) -> Result<()> {
+    for (src, dst) in layout {
+        let mut to = root.join(dst);
+        if src.starts_with("deploy/config/") && to.exists() {
+            to = to.with_extension("toml.dist");
+        }
+        eprintln!("{}install {src} -> {}", if dry_run { "would: " } else { "+ " }, to.display());
+        if !dry_run {
+            copy_tree(Path::new(src), &to)?;
+        }
     }
     Ok(())
 }
