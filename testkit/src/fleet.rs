@@ -23,18 +23,7 @@ pub fn host(i: usize) -> Ipv4Addr {
 /// Why the fleet tests cannot run here (root for namespaces, HAProxy), or `None`. Under CI
 /// every piece is there, so there a missing one fails the test instead of skipping it.
 pub fn unavailable() -> Option<String> {
-    let ok = |c: &str, a: &[&str]| Command::new(c).args(a).output().is_ok_and(|o| o.status.success());
-    let why = if !ok("ip", &["netns", "list"]) {
-        Some("`ip netns` does not work (not root?)".to_string())
-    } else if !ok("haproxy", &["-v"]) {
-        Some("haproxy is missing: apt-get install haproxy (cargo xtask test installs it)".to_string())
-    } else {
-        None
-    };
-    if let (Some(w), Ok(_)) = (&why, std::env::var("CI")) {
-        panic!("required under CI: {w}");
-    }
-    why
+    crate::nat::needs(&[("haproxy", "-v", "haproxy")])
 }
 
 #[derive(Debug)]
@@ -50,9 +39,7 @@ impl FleetNet {
         let net =
             FleetNet { front: format!("bf-front-{id}"), hosts: (0..n).map(|i| format!("bf-h{i}-{id}")).collect() };
         for ns in net.all() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            run(&["ip", "netns", "add", ns]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            crate::nat::fresh_namespace(ns);
         }
         let f = net.front.as_str();
         run(&["ip", "-n", f, "link", "add", "br0", "type", "bridge"]);

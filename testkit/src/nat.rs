@@ -49,20 +49,33 @@ pub(crate) fn run(args: &[&str]) {
 /// Debian packages iproute2, nftables and coturn. Under CI every one is there, so there a
 /// missing piece fails the test instead of skipping it.
 pub fn unavailable() -> Option<String> {
-    let ok = |c: &str, a: &[&str]| Command::new(c).args(a).output().is_ok_and(|o| o.status.success());
-    let why = if !ok("ip", &["netns", "list"]) {
+    needs(&[("nft", "--version", "nftables"), ("turnserver", "-h", "coturn")])
+}
+
+/// Why namespace tests that use these tools — (command, an argument it accepts, its Debian
+/// package) — cannot run here, or `None`: `ip netns` must work (root) and each command must
+/// start. Under CI a missing piece panics instead.
+pub(crate) fn needs(tools: &[(&str, &str, &str)]) -> Option<String> {
+    let netns = Command::new("ip").args(["netns", "list"]).output().is_ok_and(|o| o.status.success());
+    let why = if !netns {
         Some("`ip netns` does not work (not root?)".to_string())
-    } else if !ok("nft", &["--version"]) {
-        Some("nft is missing: apt-get install nftables (cargo xtask test installs it)".to_string())
-    } else if !ok("turnserver", &["-h"]) && Command::new("turnserver").arg("-h").output().is_err() {
-        Some("turnserver is missing: apt-get install coturn (cargo xtask test installs it)".to_string())
     } else {
-        None
+        tools
+            .iter()
+            .find(|(cmd, arg, _)| Command::new(cmd).arg(arg).output().is_err())
+            .map(|(cmd, _, pkg)| format!("{cmd} is missing: apt-get install {pkg} (cargo xtask test installs it)"))
     };
     if let (Some(w), Ok(_)) = (&why, std::env::var("CI")) {
         panic!("required under CI: {w}");
     }
     why
+}
+
+/// Creates namespace `ns` afresh (a leftover of a killed test run is deleted first), loopback up.
+pub(crate) fn fresh_namespace(ns: &str) {
+    let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    run(&["ip", "netns", "add", ns]);
+    run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
 }
 
 impl Topology {
@@ -77,9 +90,7 @@ impl Topology {
             b: format!("bf-b-{id}"),
         };
         for ns in t.all() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            run(&["ip", "netns", "add", ns]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            fresh_namespace(ns);
         }
         let p = t.public.as_str();
         run(&["ip", "-n", p, "link", "add", "br0", "type", "bridge"]);
