@@ -62,6 +62,29 @@ pub fn fds(pid: u32) -> Option<u64> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
+/// Direct descriptors of `pid`: files in the registered tables of its io_uring instances
+/// (listed in each ring's fdinfo between `UserFiles:` and `UserBufs:`), which `fds` does
+/// not see.
+pub fn direct_descriptors(pid: u32) -> Option<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if !std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring")) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()))
+        else {
+            continue;
+        };
+        n += info
+            .lines()
+            .skip_while(|l| !l.starts_with("UserFiles:"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("UserBufs:"))
+            .count() as u64;
+    }
+    Some(n)
+}
+
 /// Bytes held in slab caches (active objects × object size), per cache. Kernel memory of
 /// sockets shows up here (TCP, sock_inode_cache, dentry, …).
 pub fn slab() -> std::collections::BTreeMap<String, u64> {

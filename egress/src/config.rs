@@ -68,6 +68,10 @@ pub struct Io {
     /// io_uring: what an idle connection keeps armed (`poll`: a multishot poll, ≈256 B of
     /// kernel memory; `recv`: a multishot receive into the provided buffer ring, ≈860 B).
     pub uring_read: ReadMode,
+    /// io_uring: connections live in each ring's registered file table (accepted there, every
+    /// operation on the table's index) instead of the process's descriptor table. Falls back
+    /// to ordinary descriptors, logged, where the kernel refuses the table.
+    pub uring_direct_descriptors: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,7 +261,7 @@ impl Default for Listen {
 
 impl Default for Io {
     fn default() -> Self {
-        Io { backend: Backend::Auto, threads: 0, uring_read: ReadMode::Poll }
+        Io { backend: Backend::Auto, threads: 0, uring_read: ReadMode::Poll, uring_direct_descriptors: true }
     }
 }
 

@@ -9,6 +9,8 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpList
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: no setsockopt per connection.
+    socket.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }

@@ -59,6 +59,7 @@ pub const OPEN_FDS: &str = "broflake_open_fds";
 pub const PROCESS_CPU: &str = "broflake_process_cpu_seconds";
 pub const PROCESS_RESIDENT: &str = "broflake_process_resident_bytes";
 pub const MAX_FDS: &str = "broflake_max_fds";
+pub const URING_DESCRIPTORS: &str = "broflake_uring_workers";
 pub const XDP_FLOWS: &str = "broflake_xdp_flows";
 pub const XDP_MAP_CAPACITY: &str = "broflake_xdp_map_capacity";
 pub const XDP_EXPIRED: &str = "broflake_xdp_expired_total";
@@ -67,6 +68,9 @@ pub const XDP_EXPIRED: &str = "broflake_xdp_expired_total";
 /// them before the first event (the exporter omits series never touched).
 fn zero_series() {
     use metrics::{counter, gauge};
+    for descriptors in ["direct", "ordinary"] {
+        gauge!(URING_DESCRIPTORS, "descriptors" => descriptors).increment(0.0);
+    }
     for backend in ["tokio", "uring"] {
         for state in ["handshaking", "open", "draining"] {
             gauge!(CONNECTIONS, "backend" => backend, "state" => state).increment(0.0);
@@ -205,6 +209,10 @@ pub fn describe() {
     describe_gauge!(PROCESS_CPU, "CPU seconds (user + system) the process used since it started.");
     describe_gauge!(PROCESS_RESIDENT, "Resident memory of the process, in bytes.");
     describe_gauge!(MAX_FDS, "The process's file descriptor limit.");
+    describe_gauge!(
+        URING_DESCRIPTORS,
+        "io_uring workers by where their connections' descriptors live: direct (the ring's registered table) or ordinary (the process's table, after a fallback)."
+    );
     describe_gauge!(XDP_FLOWS, "Flows in the XDP liveness map.");
     describe_gauge!(XDP_MAP_CAPACITY, "Capacity of the XDP liveness map.");
     describe_counter!(XDP_EXPIRED, "Flows the kernel expired as idle (ring buffer events).");

@@ -145,3 +145,78 @@ fn transparent_huge_pages_are_off_unless_configured() {
     assert_eq!(proc_field(child.id(), "status", "THP_enabled:"), 1, "THP as the system says");
     assert!(log.contains("transparent huge pages as the system says"), "{log}");
 }
+
+/// The io_uring backend keeps its connections in each ring's registered file table: no
+/// descriptor of the process per connection. Where the kernel refuses the table (here: a
+/// descriptor limit below the table's minimum of 64 slots) a worker falls back to ordinary
+/// descriptors, says why in the log and in `broflake_uring_workers`, and serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_use_direct_descriptors_and_fall_back_to_ordinary_ones_when_refused() {
+    use std::io::{Read, Write};
+    let start = |nofile: Option<u64>| {
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let state = testkit::temp_dir("direct");
+        let config = state.join("egress.toml");
+        std::fs::write(&config, "[io]\nthreads = 2\n").unwrap();
+        let mut cmd = egress();
+        cmd.args(["--ws", "127.0.0.1:0", "--no-wss", "--liveness", "userspace", "--backend", "uring", "--log", "info"])
+            .args(["--admin", &admin.to_string()])
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                })
+            };
+        }
+        let mut child = testkit::Proc::spawn(&mut cmd);
+        let (addr, log) = testkit::wait_listening(&mut child);
+        (child, format!("ws://{addr}/broflake"), admin, log)
+    };
+    let workers = |admin: std::net::SocketAddr, kind: &str| {
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        testkit::prom_value(&text, "broflake_uring_workers", &[("descriptors", kind)])
+    };
+
+    let (child, url, admin, log) = start(None);
+    let pid = child.id();
+    let fds = bench::procfs::fds(pid).unwrap();
+    let links: Vec<Link> = futures_util::future::join_all((0..20).map(|_| Link::connect(LinkConfig::new(url.clone()))))
+        .await
+        .into_iter()
+        .map(|l| l.expect("link"))
+        .collect();
+    assert!(bench::procfs::direct_descriptors(pid).unwrap() >= 20, "the connections are in the rings' tables");
+    assert!(bench::procfs::fds(pid).unwrap() < fds + 20, "and not in the process's");
+    assert_eq!((workers(admin, "direct"), workers(admin, "ordinary")), (2.0, 0.0));
+    assert!(!log.lock().unwrap().join("\n").contains("direct descriptors unavailable"));
+    drop(links);
+    drop(child);
+
+    let (child, url, admin, log) = start(Some(60));
+    let pid = child.id();
+    let text = log.lock().unwrap().join("\n");
+    assert!(text.contains("io_uring direct descriptors unavailable"), "{text}");
+    assert!(text.contains("cannot register a file table of 64 slots"), "the reason: {text}");
+    assert_eq!((workers(admin, "direct"), workers(admin, "ordinary")), (0.0, 2.0));
+    let fds = bench::procfs::fds(pid).unwrap();
+    let link = Link::connect(LinkConfig::new(url)).await.expect("handshaked on an ordinary descriptor");
+    assert_eq!(bench::procfs::direct_descriptors(pid).unwrap(), 0);
+    assert!(bench::procfs::fds(pid).unwrap() > fds, "the connection holds a descriptor of the process");
+    drop(link);
+}

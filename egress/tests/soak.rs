@@ -63,8 +63,10 @@ impl EgressProc {
         self.child.id()
     }
 
+    /// Descriptors: the process's, and the direct ones in its io_uring tables.
     fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+        let direct = bench::procfs::direct_descriptors(self.pid()).unwrap() as usize;
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count() + direct
     }
 
     fn rss(&self) -> u64 {

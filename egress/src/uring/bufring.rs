@@ -67,6 +67,10 @@ impl BufRing {
         &mut self.bufs[start..start + len.min(self.buf_size)]
     }
 
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
     /// Gives buffer `bid` back to the kernel.
     pub fn recycle(&mut self, bid: u16) {
         self.push(bid);

@@ -3,11 +3,11 @@
 
 use super::conn::{Conn, State, F_READ_ARMED};
 use super::wheel::NOT_FILED;
-use super::worker::{ud, Worker, OP_CANCEL, OP_READ};
+use super::worker::{ud, Worker, OP_CANCEL, OP_CLOSE, OP_READ};
 use crate::metrics as m;
 use crate::wscodec::{self};
 use broflake_proto::{Close, ErrorCode, ServerSession, Timestamp};
-use io_uring::opcode;
+use io_uring::{opcode, squeue, types};
 use std::sync::atomic::Ordering;
 
 impl Worker {
@@ -72,12 +72,26 @@ impl Worker {
         if c.fd < 0 || matches!(c.state, State::Free | State::Zombie) {
             return;
         }
-        // SAFETY: our socket; shutdown makes in-flight operations on it complete.
-        unsafe {
-            libc::shutdown(c.fd, libc::SHUT_RDWR);
-            libc::close(c.fd);
-        }
+        let fd = c.fd;
         c.fd = -1;
+        if self.direct {
+            // The same on the ring: the close is hard-linked so it runs even when the
+            // shutdown fails (a peer already gone); completions only on failure.
+            let skip = squeue::Flags::SKIP_SUCCESS;
+            let shutdown = opcode::Shutdown::new(types::Fixed(fd as u32), libc::SHUT_RDWR)
+                .build()
+                .flags(skip | squeue::Flags::IO_HARDLINK)
+                .user_data(ud(OP_CLOSE, 0, 0));
+            let close = opcode::Close::new(types::Fixed(fd as u32)).build().flags(skip).user_data(ud(OP_CLOSE, 0, 0));
+            self.push_linked(shutdown, close);
+        } else {
+            // SAFETY: our socket; shutdown makes in-flight operations on it complete.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+                libc::close(fd);
+            }
+        }
+        let c = &mut self.conns[idx as usize];
         c.state = State::Zombie;
         let routes = c.session.route_count();
         let gen = c.gen;

@@ -23,6 +23,10 @@ pub enum State {
 pub const F_READ_ARMED: u8 = 1;
 pub const F_SEND_INFLIGHT: u8 = 2;
 pub const F_TLS: u8 = 4;
+/// A receive is in flight (direct descriptors, poll mode).
+pub const F_RECV_INFLIGHT: u8 = 8;
+/// The socket became readable again while it was.
+pub const F_RECV_AGAIN: u8 = 16;
 
 /// What is waiting to be sent.
 #[derive(Debug, Default)]
@@ -49,6 +53,7 @@ pub struct Ext {
 
 #[derive(Debug)]
 pub struct Conn {
+    /// The socket: a descriptor, or with direct descriptors its slot in the ring's table.
     pub fd: i32,
     pub gen: u8,
     pub state: State,

@@ -5,6 +5,20 @@
 //! inside the loop; a coarse per-thread timer wheel; DATA bridged to the QUIC endpoint with
 //! no per-route state (route ids encode the connection, see [`routes::route_id`]).
 
+/// Builds an operation on a connection's socket, named by its index in the ring's registered
+/// table (direct descriptors) or by an ordinary descriptor.
+macro_rules! on_socket {
+    ($direct:expr, $fd:expr, |$t:ident| $build:expr) => {
+        if $direct {
+            let $t = io_uring::types::Fixed($fd as u32);
+            $build
+        } else {
+            let $t = io_uring::types::Fd($fd);
+            $build
+        }
+    };
+}
+
 mod accept;
 mod bufring;
 mod close;

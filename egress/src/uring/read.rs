@@ -1,12 +1,13 @@
-//! The read path: the armed read (multishot poll or receive), draining a readable socket,
-//! TLS, and the HTTP upgrade.
+//! The read path: the armed read (multishot poll or receive), draining a readable socket
+//! (with `recv(2)`, or with direct descriptors a receive into the buffer ring issued on the
+//! ring), TLS, and the HTTP upgrade.
 
-use super::conn::{State, F_READ_ARMED, F_TLS};
-use super::worker::{ud, Worker, OP_READ};
+use super::conn::{State, F_READ_ARMED, F_RECV_AGAIN, F_RECV_INFLIGHT, F_TLS};
+use super::worker::{ud, Worker, OP_READ, OP_RECV};
 use crate::config::ReadMode;
 use crate::metrics as m;
 use crate::wscodec::{self, Upgrade};
-use io_uring::{cqueue, opcode, types};
+use io_uring::{cqueue, opcode, squeue, types};
 use std::io::Read;
 
 impl Worker {
@@ -17,11 +18,13 @@ impl Worker {
         }
         let u = ud(OP_READ, c.gen, idx);
         let sqe = match (self.mode, &self.bufring) {
-            (ReadMode::Recv, Some(br)) => opcode::RecvMulti::new(types::Fd(c.fd), br.group).build().user_data(u),
-            _ => opcode::PollAdd::new(types::Fd(c.fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
+            (ReadMode::Recv, Some(br)) => {
+                on_socket!(self.direct, c.fd, |t| opcode::RecvMulti::new(t, br.group).build().user_data(u))
+            }
+            _ => on_socket!(self.direct, c.fd, |t| opcode::PollAdd::new(t, (libc::POLLIN | libc::POLLRDHUP) as u32)
                 .multi(true)
                 .build()
-                .user_data(u),
+                .user_data(u)),
         };
         c.flags |= F_READ_ARMED;
         c.ops += 1;
@@ -52,7 +55,11 @@ impl Worker {
                     }
                     return;
                 }
-                self.read_ready(idx);
+                if self.direct {
+                    self.recv_ready(idx);
+                } else {
+                    self.read_ready(idx);
+                }
             }
             ReadMode::Recv => {
                 if res > 0 {
@@ -72,6 +79,71 @@ impl Worker {
         }
         if !more && self.live(idx, gen).is_some_and(|c| matches!(c.state, State::Upgrading | State::Open)) {
             self.arm_read(idx);
+        }
+    }
+
+    /// Poll mode with direct descriptors: receive what is there into a buffer of the ring
+    /// (one receive in flight per connection; a readiness seen meanwhile asks for another).
+    pub(super) fn recv_ready(&mut self, idx: u32) {
+        let c = &mut self.conns[idx as usize];
+        if c.flags & F_RECV_INFLIGHT != 0 {
+            c.flags |= F_RECV_AGAIN;
+            return;
+        }
+        let Some(br) = self.bufring.as_ref() else { return };
+        let sqe = opcode::Recv::new(types::Fixed(c.fd as u32), std::ptr::null_mut(), br.buf_size() as u32)
+            .buf_group(br.group)
+            .flags(libc::MSG_DONTWAIT)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(ud(OP_RECV, c.gen, idx));
+        c.flags = (c.flags | F_RECV_INFLIGHT) & !F_RECV_AGAIN;
+        c.ops += 1;
+        self.push(sqe);
+    }
+
+    pub(super) fn on_recv(&mut self, idx: u32, gen: u8, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let Some(c) = self.live(idx, gen) else { return };
+        c.ops -= 1;
+        c.flags &= !F_RECV_INFLIGHT;
+        let again = c.flags & F_RECV_AGAIN != 0;
+        let readable = matches!(c.state, State::Upgrading | State::Open);
+        let mut br = self.bufring.take().expect("direct descriptors have a buffer ring");
+        let full = res > 0 && res as usize == br.buf_size();
+        match (bid, readable) {
+            (Some(bid), true) if res > 0 => {
+                self.on_bytes(idx, br.buf(bid, res as usize));
+                br.recycle(bid);
+            }
+            (Some(bid), _) => br.recycle(bid),
+            (None, _) => {}
+        }
+        self.bufring = Some(br);
+        if !readable {
+            self.maybe_free(idx, gen);
+            return;
+        }
+        match res {
+            0 => self.drop_conn(idx, "peer_gone"),
+            r if r == -libc::ENOBUFS => self.recv_waiting.push((idx, gen)),
+            r if r < 0 && r != -libc::EAGAIN && r != -libc::EINTR => self.drop_conn(idx, "peer_gone"),
+            _ => {
+                if (full || again)
+                    && self.live(idx, gen).is_some_and(|c| matches!(c.state, State::Upgrading | State::Open))
+                {
+                    self.recv_ready(idx);
+                }
+            }
+        }
+    }
+
+    /// Receives for connections that found the buffer ring empty (its buffers are back by now).
+    pub(super) fn retry_recvs(&mut self) {
+        for (idx, gen) in std::mem::take(&mut self.recv_waiting) {
+            if self.live(idx, gen).is_some_and(|c| matches!(c.state, State::Upgrading | State::Open)) {
+                self.recv_ready(idx);
+            }
         }
     }
 

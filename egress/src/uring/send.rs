@@ -45,10 +45,11 @@ impl Worker {
             return;
         }
         let mut sent = 0;
-        if tls.is_none() && c.tx.is_none() && c.flags & F_SEND_INFLIGHT == 0 && c.fd >= 0 {
+        if tls.is_none() && c.tx.is_none() && c.flags & F_SEND_INFLIGHT == 0 && c.fd >= 0 && !self.direct {
             // Nothing queued: write straight to the socket. A reply (PONG, a few DATA frames)
             // almost always fits the socket buffer, and then needs no queue, no allocation and
-            // no second completion; only what does not fit is queued.
+            // no second completion; only what does not fit is queued. (A direct descriptor
+            // has no system call of its own: its bytes always go through the ring.)
             let mut iov = parts.map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() });
             // SAFETY: an all-zero msghdr is valid; it points at two valid buffers.
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -122,10 +123,10 @@ impl Worker {
             q.offset = 0;
         }
         let rest = &q.inflight[q.offset..];
-        let sqe = opcode::Send::new(types::Fd(c.fd), rest.as_ptr(), rest.len() as u32)
+        let sqe = on_socket!(self.direct, c.fd, |t| opcode::Send::new(t, rest.as_ptr(), rest.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
-            .user_data(ud(OP_SEND, c.gen, idx));
+            .user_data(ud(OP_SEND, c.gen, idx)));
         c.flags |= F_SEND_INFLIGHT;
         c.ops += 1;
         self.push(sqe);

@@ -18,6 +18,10 @@ pub(super) const OP_READ: u64 = 2;
 pub(super) const OP_SEND: u64 = 3;
 pub(super) const OP_EVENTFD: u64 = 4;
 pub(super) const OP_CANCEL: u64 = 5;
+/// A receive into the buffer ring after a poll said readable (direct descriptors).
+pub(super) const OP_RECV: u64 = 6;
+/// Shutdown and close of a direct descriptor (completions only on failure).
+pub(super) const OP_CLOSE: u64 = 7;
 
 /// The provided-buffer group of the worker's buffer ring (recv mode).
 const BUFRING_GROUP: u16 = 7;
@@ -35,6 +39,13 @@ pub struct Worker {
     // Field order matters for Drop: the ring goes before the buffer ring memory.
     pub(super) ring: IoUring,
     pub(super) bufring: Option<BufRing>,
+    /// Connections are indices in the ring's registered file table, not descriptors.
+    pub(super) direct: bool,
+    /// Peer addresses of the accepts in flight (direct descriptors: one-shot accepts, each
+    /// with its own address buffer, which must outlive it).
+    pub(super) accept_addrs: Box<[super::accept::AcceptAddr]>,
+    /// Connections that found the buffer ring empty, to receive again once buffers return.
+    pub(super) recv_waiting: Vec<(u32, u8)>,
     pub(super) shared: Arc<Shared>,
     pub(super) listeners: Vec<(i32, bool)>,
     pub(super) wss: Option<Arc<rustls::ServerConfig>>,
@@ -77,16 +88,26 @@ impl Worker {
             .setup_coop_taskrun()
             .build(4096)
             .or_else(|_| IoUring::new(4096))?;
-        let bufring = match mode {
-            ReadMode::Recv => Some(BufRing::new(&ring, BUFRING_GROUP, 1024, 16 * 1024)?),
-            ReadMode::Poll => None,
+        let direct = shared.config.io.uring_direct_descriptors
+            && register_table(&ring, thread, shared.config.limits.max_connections);
+        let bufring = match (mode, direct) {
+            (ReadMode::Recv, _) => Some(BufRing::new(&ring, BUFRING_GROUP, 1024, 16 * 1024)?),
+            // A receive is only issued when a poll said readable, and its buffer comes back
+            // before the loop waits again: a few buffers serve every connection.
+            (ReadMode::Poll, true) => Some(BufRing::new(&ring, BUFRING_GROUP, 64, 64 * 1024)?),
+            (ReadMode::Poll, false) => None,
         };
+        metrics::gauge!(crate::metrics::URING_DESCRIPTORS, "descriptors" => if direct { "direct" } else { "ordinary" })
+            .increment(1.0);
         let now = shared.now();
         let gran = u64::try_from(shared.config.liveness.sweep_interval.as_millis()).unwrap_or(1000).max(1);
         Ok(Worker {
             thread,
             ring,
             bufring,
+            direct,
+            accept_addrs: super::accept::AcceptAddr::table(if direct { listeners.len() } else { 0 }),
+            recv_waiting: Vec::new(),
             shared,
             listeners,
             wss,
@@ -118,6 +139,17 @@ impl Worker {
             // SAFETY: every buffer an SQE points at (connection send queues, the eventfd
             // buffer) outlives the operation: it is freed only after the final CQE.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            let _ = self.ring.submit();
+        }
+    }
+
+    /// Pushes two linked operations into the same submission (a link never spans a submit).
+    pub(super) fn push_linked(&mut self, first: squeue::Entry, second: squeue::Entry) {
+        loop {
+            // SAFETY: as in `push`; neither operation points at memory of ours.
+            if unsafe { self.ring.submission().push_multiple(&[first.clone(), second.clone()]) }.is_ok() {
                 return;
             }
             let _ = self.ring.submit();
@@ -162,6 +194,7 @@ impl Worker {
             for i in std::mem::take(&mut self.rearm_accept) {
                 self.arm_accept(i);
             }
+            self.retry_recvs();
         }
     }
 
@@ -171,11 +204,22 @@ impl Worker {
             OP_ACCEPT => {
                 if res >= 0 {
                     let tls = self.listeners[idx as usize].1;
-                    self.on_accept(res, tls);
+                    let peer = self.direct.then(|| self.accepted_peer(idx as usize, gen));
+                    self.on_accept(res, tls, peer);
                 } else if res != -libc::ECANCELED {
                     tracing::warn!(thread = self.thread, error = %std::io::Error::from_raw_os_error(-res), "accept failed");
                 }
-                if !cqueue::more(flags) {
+                if self.direct {
+                    // Errors of one connection (gone before it was accepted, table or memory
+                    // full) leave the accept armed; any other would repeat at once.
+                    let transient =
+                        [libc::ECONNABORTED, libc::ENFILE, libc::EMFILE, libc::ENOMEM, libc::EINTR, libc::EAGAIN];
+                    if res >= 0 || transient.contains(&-res) {
+                        self.arm_one_accept(idx as usize, gen);
+                    } else if res != -libc::ECANCELED {
+                        tracing::error!(thread = self.thread, error = %std::io::Error::from_raw_os_error(-res), "accept stopped on this listener");
+                    }
+                } else if !cqueue::more(flags) {
                     self.rearm_accept.push(idx as usize);
                 }
             }
@@ -190,6 +234,10 @@ impl Worker {
                 self.maybe_free(idx, gen);
             }
             OP_READ => self.on_read(idx, gen, res, flags),
+            OP_RECV => self.on_recv(idx, gen, res, flags),
+            OP_CLOSE if res < 0 && res != -libc::ENOTCONN => {
+                tracing::debug!(thread = self.thread, error = %std::io::Error::from_raw_os_error(-res), "closing a direct descriptor");
+            }
             OP_SEND => self.on_send(idx, gen, res),
             _ => {}
         }
@@ -212,5 +260,45 @@ impl Worker {
             unsafe { libc::close(*fd) };
         }
         let _ = self.ring.submit();
+    }
+}
+
+/// Registers the ring's file table for direct descriptors, sparse (slots filled by accept).
+/// Its size is bounded by the kernel (RLIMIT_NOFILE, and 2^20) and by what this egress admits.
+/// False, with the reason logged, where the kernel refuses: the worker uses ordinary descriptors.
+fn register_table(ring: &IoUring, thread: u8, max_connections: usize) -> bool {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit into a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let slots = limit.rlim_cur.min(1 << 20).min(max_connections as u64 + 64).max(64) as u32;
+    let mut probe = io_uring::Probe::new();
+    let missing = match ring.submitter().register_probe(&mut probe) {
+        Ok(()) => [
+            (io_uring::opcode::Accept::CODE, "accept"),
+            (io_uring::opcode::Recv::CODE, "recv"),
+            (io_uring::opcode::Shutdown::CODE, "shutdown"),
+            (io_uring::opcode::Close::CODE, "close"),
+        ]
+        .into_iter()
+        .find(|(code, _)| !probe.is_supported(*code))
+        .map(|(_, name)| format!("io_uring lacks the {name} operation")),
+        Err(e) => Some(format!("cannot probe io_uring: {e}")),
+    };
+    let outcome = match missing {
+        Some(why) => Err(why),
+        None => ring
+            .submitter()
+            .register_files_sparse(slots)
+            .map_err(|e| format!("cannot register a file table of {slots} slots: {e}")),
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::debug!(thread, slots, "connections use direct descriptors");
+            true
+        }
+        Err(why) => {
+            tracing::warn!(thread, %why, "io_uring direct descriptors unavailable; using ordinary descriptors");
+            false
+        }
     }
 }
