@@ -215,8 +215,14 @@ async fn connections_use_direct_descriptors_and_fall_back_to_ordinary_ones_when_
     assert!(text.contains("cannot register a file table of 64 slots"), "the reason: {text}");
     assert_eq!((workers(admin, "direct"), workers(admin, "ordinary")), (0.0, 2.0));
     let fds = bench::procfs::fds(pid).unwrap();
-    let link = Link::connect(LinkConfig::new(url)).await.expect("handshaked on an ordinary descriptor");
+    let links: Vec<Link> = futures_util::future::join_all((0..5).map(|_| Link::connect(LinkConfig::new(url.clone()))))
+        .await
+        .into_iter()
+        .map(|l| l.expect("handshaked on an ordinary descriptor"))
+        .collect();
     assert_eq!(bench::procfs::direct_descriptors(pid).unwrap(), 0);
-    assert!(bench::procfs::fds(pid).unwrap() > fds, "the connection holds a descriptor of the process");
-    drop(link);
+    // (The status sampler holds a /proc file for a moment now and then: one either way.)
+    let now = bench::procfs::fds(pid).unwrap();
+    assert!(now >= fds + 4, "each connection holds a descriptor of the process: {fds} -> {now}");
+    drop(links);
 }
