@@ -5,8 +5,10 @@
 pub mod chain;
 pub mod loadgen;
 pub mod procfs;
+pub mod procs;
 pub mod profile;
 pub mod quic_sink;
+pub mod scale;
 pub mod signaling;
 pub mod tunnel;
 pub mod wan;

@@ -26,6 +26,8 @@ pub struct LoadConfig {
     pub ramp_parallelism: usize,
     /// Plain TCP only: connect and hold, no WebSocket (the `floor` row).
     pub tcp_only: bool,
+    /// Close with a reset (SO_LINGER 0): nothing left in TIME_WAIT.
+    pub reset_on_close: bool,
 }
 
 impl LoadConfig {
@@ -38,6 +40,7 @@ impl LoadConfig {
             announce_ping: true,
             ramp_parallelism: 256,
             tcp_only: false,
+            reset_on_close: false,
         }
     }
 }
@@ -172,6 +175,10 @@ async fn one(
     let connect = async {
         let sock = TcpSocket::new_v4()?;
         sock.bind(SocketAddr::from((src, 0)))?;
+        if cfg.reset_on_close {
+            // A zero linger never blocks: the close resets at once.
+            socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO))?;
+        }
         let mut s = sock.connect(cfg.target).await?;
         s.set_nodelay(true)?;
         if !cfg.tcp_only {

@@ -57,6 +57,38 @@ pub fn context_switches(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// CPU time of every thread of `pid` in nanoseconds (the scheduler's own clock, from
+/// `/proc/PID/task/TID/schedstat`: user and system together, no tick resolution).
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// Kernel memory of the BPF maps `pid` holds (`memlock` in each map's fdinfo).
+pub fn bpf_map_bytes(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if !std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf-map")) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy())).ok()?;
+        total += info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok())?;
+    }
+    Some(total)
+}
+
+/// TCP sockets in use on the host (`/proc/net/sockstat`).
+pub fn tcp_in_use() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let l = s.lines().find(|l| l.starts_with("TCP:"))?;
+    let f: Vec<&str> = l.split_whitespace().collect();
+    f.iter().position(|w| *w == "inuse").and_then(|i| f.get(i + 1)?.parse().ok())
+}
+
 /// Open file descriptors of `pid`.
 pub fn fds(pid: u32) -> Option<u64> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)

@@ -59,6 +59,10 @@ enum Cmd {
         /// Only signaling matches per second: memory, Redis, two replicas on one Redis.
         #[arg(long, conflicts_with_all = ["webrtc", "tunnel", "wan"])]
         signaling: bool,
+        /// Only density past the open-file limit: 50,000–150,000 idle connections, io_uring +
+        /// XDP against the floor, three interleaved rounds, and CPU per PING (also in --full).
+        #[arg(long, conflicts_with_all = ["webrtc", "tunnel", "wan", "signaling"])]
+        scale: bool,
     },
     /// Build the XDP program (installing its toolchain if needed) into the object that
     /// `egress` embeds: target/bpfel-unknown-none/release/egress-ebpf.
@@ -110,8 +114,16 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => run(&args),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { full, rows, webrtc, tunnel, profile, wan, signaling } => {
-            bench(full, rows, webrtc, tunnel, profile, wan, signaling)
+        Cmd::Bench { full, rows, webrtc, tunnel, profile, wan, signaling, scale } => {
+            let what = match (webrtc, signaling, wan, tunnel, scale) {
+                (true, ..) => "webrtc",
+                (_, true, ..) => "signaling",
+                (_, _, true, ..) => "wan",
+                (_, _, _, true, _) => "tunnel",
+                (.., true) => "scale",
+                _ => "run",
+            };
+            bench(what, full, rows, profile)
         }
         Cmd::Deploy { root, host, dry_run, binary } => {
             let binary = release_binary(binary, dry_run)?;
@@ -292,15 +304,8 @@ fn release_binary(given: Option<PathBuf>, dry_run: bool) -> Result<PathBuf> {
     Ok(PathBuf::from("target/release/egress"))
 }
 
-fn bench(
-    full: bool,
-    rows: Option<String>,
-    webrtc: bool,
-    tunnel: bool,
-    profile: bool,
-    wan: bool,
-    signaling: bool,
-) -> Result<()> {
+/// `what`: the bench's subcommand (`run` for everything).
+fn bench(what: &str, full: bool, rows: Option<String>, profile: bool) -> Result<()> {
     setup::apt(&[("curl", "curl"), ("turnserver", "coturn"), ("redis-server", "redis-server")])?;
     if profile {
         setup::apt(&[("perf", "linux-perf")])?;
@@ -321,17 +326,6 @@ fn bench(
         "bench",
         "--bins",
     ]))?;
-    let what = if webrtc {
-        "webrtc"
-    } else if signaling {
-        "signaling"
-    } else if wan {
-        "wan"
-    } else if tunnel {
-        "tunnel"
-    } else {
-        "run"
-    };
     let mut args: Vec<String> = vec!["target/release/bench".into(), what.into()];
     if full {
         args.push("--full".into());

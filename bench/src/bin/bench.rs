@@ -5,13 +5,13 @@
 //! `bench floor --listen ADDR`: the floor row's server — accept TCP connections and hold
 //! them, nothing else (the kernel's own cost of an idle connection).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use bench::procfs;
+use bench::procs::{self, LoadOut, LoadProc, LoadSpec, Server};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -51,6 +51,28 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
     },
+    /// Only density past the open-file limit (also part of `run --full`).
+    Scale {
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        bin: PathBuf,
+        /// Other connection counts (default 50,000, 100,000, 150,000).
+        #[arg(long, value_delimiter = ',')]
+        ns: Vec<usize>,
+        /// Other number of rounds (default 3).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Other length of the PING measurement, seconds (default 60).
+        #[arg(long)]
+        ping_secs: Option<u64>,
+        /// Other number of PINGing connections (default 50,000).
+        #[arg(long)]
+        ping_conns: Option<usize>,
+        /// Other PING interval, ms (default 2,000).
+        #[arg(long)]
+        ping_ms: Option<u64>,
+    },
     /// The QUIC anchor's server (started by the tunnel measurement).
     QuicSink,
     /// Matches per second of the signaling service: memory, Redis, two replicas on Redis.
@@ -86,6 +108,19 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
         Cmd::QuicSink => bench::quic_sink::serve(),
+        Cmd::Scale { out, bin, ns, rounds, ping_secs, ping_conns, ping_ms } => {
+            let mut cfg = bench::scale::ScaleConfig::full();
+            if !ns.is_empty() {
+                cfg.ns = ns;
+            }
+            cfg.rounds = rounds.unwrap_or(cfg.rounds);
+            cfg.ping_secs = ping_secs.unwrap_or(cfg.ping_secs);
+            cfg.ping_conns = ping_conns.unwrap_or(cfg.ping_conns);
+            cfg.ping_ms = ping_ms.unwrap_or(cfg.ping_ms);
+            let r = scale_section(&bin, &out, &cfg)?;
+            print!("{}", bench::scale::markdown(&r, "cargo xtask bench --scale"));
+            Ok(())
+        }
         Cmd::Signaling { out, bin, full } => {
             std::fs::create_dir_all(&out)?;
             let rows = signaling_section(&bin, full)?;
@@ -151,7 +186,14 @@ fn floor(listen: std::net::SocketAddr) -> Result<()> {
     // The least a server can hold: 4 KiB pages, as the egress runs by default.
     // SAFETY: prctl with integer arguments changes only this process's THP flag.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    let l = std::net::TcpListener::bind(listen)?;
+    // SO_REUSEPORT: past one process's open-file limit the floor is several processes.
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&listen.into())?;
+    sock.listen(4096)?;
+    let l: std::net::TcpListener = sock.into();
     eprintln!("listening on ws://{}", l.local_addr()?);
     let mut held = Vec::new();
     for s in l.incoming().flatten() {
@@ -242,109 +284,26 @@ struct Results {
     rows: Vec<RowResult>,
     tunnel: Option<bench::tunnel::TunnelResults>,
     webrtc: Option<bench::webrtc::WebrtcResults>,
+    scale: Option<bench::scale::ScaleResults>,
     command: String,
 }
 
-struct Server {
-    child: Child,
-    addr: std::net::SocketAddr,
-    _dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16) -> Result<Server> {
+    match row.backend {
+        None => procs::start_floor(&std::env::current_exe()?, port, 1),
+        Some(backend) => procs::start_egress(
+            bin,
+            row.name,
+            &format!(
+                "[liveness]\nmode = \"{}\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"{idle_ms}ms\"\nsweep_interval = \"1s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"{backend}\"\nthreads = 2\n[limits]\nmax_connections_per_ip = 1000000\n{}",
+                row.liveness, row.config
+            ),
+            port,
+        ),
     }
 }
 
-fn wait_listening(child: &mut Child) -> Result<std::net::SocketAddr> {
-    let stderr = child.stderr.take().context("stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on ws://") {
-                let _ = tx.send(line[i + "listening on ws://".len()..].trim().to_string());
-            }
-            if line.contains("ERROR") || line.contains("Error") {
-                eprintln!("  server: {line}");
-            }
-        }
-    });
-    Ok(rx.recv_timeout(Duration::from_secs(30)).context("server did not start listening")?.parse()?)
-}
-
-fn start_server(bin: &Path, row: Row, keepalive_ms: u64, idle_ms: u64, port: u16) -> Result<Server> {
-    let dir =
-        std::env::temp_dir().join(format!("broflake-bench-{}-{}", row.name.replace('+', "-"), std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let listen = format!("127.0.0.1:{port}");
-    let mut cmd = match row.backend {
-        None => {
-            let mut c = Command::new(std::env::current_exe()?);
-            c.args(["floor", "--listen", &listen]);
-            c
-        }
-        Some(backend) => {
-            let cfg = dir.join("egress.toml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "[liveness]\nmode = \"{}\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"{idle_ms}ms\"\nsweep_interval = \"1s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"{backend}\"\nthreads = 2\n[limits]\nmax_connections_per_ip = 1000000\n{}",
-                    row.liveness, row.config
-                ),
-            )?;
-            let mut c = Command::new(bin.join("egress"));
-            c.args([
-                "--ws",
-                &listen,
-                "--no-wss",
-                "--admin",
-                "off",
-                "--log",
-                "warn,egress=info,broflake_egress=info",
-                "--config",
-            ])
-            .arg(&cfg)
-            .arg("--state-dir")
-            .arg(&dir);
-            c
-        }
-    };
-    // No environment, prctl or setting of its own: the egress runs as the systemd unit and the
-    // embedded defaults run it (transparent huge pages off is its own default).
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let addr = match wait_listening(&mut child) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = child.kill();
-            let mut err = String::new();
-            if let Some(mut s) = child.stderr.take() {
-                let _ = s.read_to_string(&mut err);
-            }
-            bail!("{e}: {err}");
-        }
-    };
-    Ok(Server { child, addr, _dir: dir })
-}
-
-struct LoadProc {
-    children: Vec<Child>,
-}
-
-#[derive(Default, Debug)]
-struct LoadOut {
-    ready_secs: f64,
-    handshaked: u64,
-    failed: u64,
-    pings: u64,
-    closed: u64,
-    rtt_p50: u64,
-    rtt_p99: u64,
-    close_after_ms_max: u64,
-}
-
-/// Starts `n` connections split over processes of at most 9,000 (the per-process fd limit).
+/// `n` connections from 127.0.`base`+k.x, holding `hold` seconds.
 #[allow(clippy::too_many_arguments)]
 fn start_load(
     bin: &Path,
@@ -356,67 +315,7 @@ fn start_load(
     hold: u64,
     base: u8,
 ) -> Result<LoadProc> {
-    let per = 9000;
-    let mut children = Vec::new();
-    let mut left = n;
-    let mut k = 0u8;
-    while left > 0 {
-        let this = left.min(per);
-        left -= this;
-        let mut c = Command::new(bin.join("loadgen"));
-        c.args(["--target", &target.to_string(), "--conns", &this.to_string(), "--ping-ms", &ping_ms.to_string()])
-            .args(["--source-base", &(base + k).to_string(), "--hold-secs", &hold.to_string()]);
-        if !announce {
-            c.arg("--no-announce-ping");
-        }
-        if tcp {
-            c.arg("--tcp-only");
-        }
-        children.push(c.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?);
-        k += 1;
-    }
-    Ok(LoadProc { children })
-}
-
-impl LoadProc {
-    /// Reads every process's "ready" line.
-    fn ready(&mut self) -> Result<LoadOut> {
-        let mut out = LoadOut::default();
-        for c in &mut self.children {
-            let mut line = String::new();
-            BufReader::new(c.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-            let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("loadgen said {line:?}"))?;
-            out.handshaked += v["handshaked"].as_u64().unwrap_or(0);
-            out.failed += v["failed"].as_u64().unwrap_or(0);
-            out.ready_secs = out.ready_secs.max(v["secs"].as_f64().unwrap_or(0.0));
-        }
-        Ok(out)
-    }
-
-    /// Waits for every process to finish; sums their "done" lines.
-    fn done(mut self, mut out: LoadOut) -> Result<LoadOut> {
-        for c in &mut self.children {
-            let mut text = String::new();
-            c.stdout.as_mut().context("stdout")?.read_to_string(&mut text)?;
-            let _ = c.wait();
-            if let Some(line) = text.lines().find(|l| l.contains("\"done\"")) {
-                let v: serde_json::Value = serde_json::from_str(line)?;
-                out.pings += v["pings"].as_u64().unwrap_or(0);
-                out.closed += v["closed"].as_u64().unwrap_or(0);
-                out.rtt_p50 = out.rtt_p50.max(v["rtt_p50_us"].as_u64().unwrap_or(0));
-                out.rtt_p99 = out.rtt_p99.max(v["rtt_p99_us"].as_u64().unwrap_or(0));
-                out.close_after_ms_max = out.close_after_ms_max.max(v["close_after_ms_max"].as_u64().unwrap_or(0));
-            }
-        }
-        Ok(out)
-    }
-
-    fn kill(mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    procs::start_load(bin, target, LoadSpec { ping_ms, announce, tcp, hold, ..LoadSpec::new(n, base) })
 }
 
 fn slab_total(s: &std::collections::BTreeMap<String, u64>) -> u64 {
@@ -447,7 +346,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
                     break;
                 }
             };
-            let pid = server.child.id();
+            let pid = server.pids()[0];
             let tcp = row.backend.is_none();
             let warm = start_load(bin, server.addr, 200, 0, true, tcp, 1, 1)?;
             warm.done(LoadOut::default())?;
@@ -485,7 +384,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
         let n = *ns.last().expect("Ns");
         port += 1;
         let server = start_server(bin, row, ping_ms, 600_000, port)?;
-        let pid = server.child.id();
+        let pid = server.pids()[0];
         let client_ping = if row.server_ping { 0 } else { ping_ms };
         let mut load = start_load(bin, server.addr, n, client_ping, !row.server_ping, false, window + 2, 30)?;
         let ready = load.ready()?;
@@ -547,6 +446,11 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
     }
     // Chosen rows are a look at the connection figures alone (`--tunnel` and `--webrtc` run
     // the other sections alone).
+    let scale = (full && only.is_empty())
+        .then(|| {
+            scale_section(bin, out, &bench::scale::ScaleConfig::full()).map_err(|e| eprintln!("scale: {e:#}")).ok()
+        })
+        .flatten();
     let (tunnel, webrtc) = if only.is_empty() {
         (
             bench::tunnel::run(bin, &std::env::current_exe()?, tunnel_bytes(full), None)
@@ -580,6 +484,7 @@ fn run(full: bool, out: &Path, bin: &Path, only: &[String]) -> Result<()> {
         rows: results,
         tunnel,
         webrtc,
+        scale,
         command: if full { "cargo xtask bench --full".into() } else { "cargo xtask bench".into() },
     };
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&res)?)?;
@@ -659,6 +564,9 @@ fn markdown(r: &Results) -> String {
             s.push_str(&format!(" {:.1} |", p.idle_wakeups_per_sec));
         }
         s.push('\n');
+    }
+    if let Some(x) = &r.scale {
+        s += &bench::scale::markdown(x, &r.command);
     }
     if let Some(w) = &r.webrtc {
         s += &webrtc_markdown(w, &r.command);
@@ -742,6 +650,15 @@ fn plots(r: &Results, out: &Path) -> Result<()> {
 }
 
 /// Consumers timed per path and volunteers in the matching measurement.
+/// Density past the open-file limit; writes scale.json and scale_per_conn.svg into `out`.
+fn scale_section(bin: &Path, out: &Path, cfg: &bench::scale::ScaleConfig) -> Result<bench::scale::ScaleResults> {
+    std::fs::create_dir_all(out)?;
+    let r = bench::scale::run(bin, &std::env::current_exe()?, cfg)?;
+    std::fs::write(out.join("scale.json"), serde_json::to_string_pretty(&r)?)?;
+    bench::scale::plot(&r, &out.join("scale_per_conn.svg"))?;
+    Ok(r)
+}
+
 /// 1,000 (2,000 with --full) volunteers and consumers per measurement, three rounds.
 fn signaling_section(bin: &Path, full: bool) -> Result<Vec<bench::signaling::MatchRow>> {
     bench::signaling::run(bin, if full { 2000 } else { 1000 }, 3)

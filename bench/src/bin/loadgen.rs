@@ -1,4 +1,5 @@
-//! `loadgen --target ADDR --conns N [--ping-ms MS] [--no-announce-ping] [--hold-secs S]`:
+//! `loadgen --target ADDR --conns N [--ping-ms MS] [--no-announce-ping] [--hold-secs S]
+//! [--source-net X --source-base Y] [--reset-on-exit]`:
 //! opens N handshaked WebSockets and holds them, printing progress as JSON lines. The
 //! benchmark runs several of these processes when N nears the open-file limit.
 
@@ -18,9 +19,14 @@ struct Args {
     ping_ms: u64,
     #[arg(long)]
     no_announce_ping: bool,
-    /// First source address index (127.0.0.X).
+    /// Source addresses are 127.NET.BASE.1–40.
+    #[arg(long, default_value_t = 0)]
+    source_net: u8,
     #[arg(long, default_value_t = 1)]
     source_base: u8,
+    /// Reset the connections when the process ends (SO_LINGER 0: no TIME_WAIT left behind).
+    #[arg(long)]
+    reset_on_exit: bool,
     /// Seconds to hold after the handshakes (then exit); 0 = until killed.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
@@ -36,10 +42,11 @@ struct Args {
 async fn main() {
     let a = Args::parse();
     let mut cfg = LoadConfig::new(a.target, a.conns);
-    cfg.sources = (0..40).map(|i| std::net::Ipv4Addr::new(127, 0, a.source_base, 1 + i)).collect();
+    cfg.sources = (0..40).map(|i| std::net::Ipv4Addr::new(127, a.source_net, a.source_base, 1 + i)).collect();
     cfg.ping_interval = (a.ping_ms > 0).then(|| Duration::from_millis(a.ping_ms));
     cfg.announce_ping = !a.no_announce_ping;
     cfg.tcp_only = a.tcp_only;
+    cfg.reset_on_close = a.reset_on_exit;
     if let Some(ip) = a.bind {
         cfg.sources = vec![ip];
     }
