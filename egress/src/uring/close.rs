@@ -75,15 +75,19 @@ impl Worker {
         let fd = c.fd;
         c.fd = -1;
         if self.direct {
-            // The same on the ring: the close is hard-linked so it runs even when the
-            // shutdown fails (a peer already gone); completions only on failure.
+            // On the ring: cancel every operation still in flight on the socket (each holds a
+            // reference, and a multishot poll would hold it for ever), then close the slot,
+            // which releases the socket (FIN, as close(2)); hard-linked, so the close runs
+            // whatever the cancel found. Not SHUTDOWN: the kernel runs it on an io-wq thread
+            // (it may block), a thread per burst of closes; cancel and close run inline.
+            // Completions only on failure.
             let skip = squeue::Flags::SKIP_SUCCESS;
-            let shutdown = opcode::Shutdown::new(types::Fixed(fd as u32), libc::SHUT_RDWR)
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(fd as u32)).all())
                 .build()
                 .flags(skip | squeue::Flags::IO_HARDLINK)
                 .user_data(ud(OP_CLOSE, 0, 0));
             let close = opcode::Close::new(types::Fixed(fd as u32)).build().flags(skip).user_data(ud(OP_CLOSE, 0, 0));
-            self.push_linked(shutdown, close);
+            self.push_linked(cancel, close);
         } else {
             // SAFETY: our socket; shutdown makes in-flight operations on it complete.
             unsafe {

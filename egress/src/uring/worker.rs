@@ -20,7 +20,7 @@ pub(super) const OP_EVENTFD: u64 = 4;
 pub(super) const OP_CANCEL: u64 = 5;
 /// A receive into the buffer ring after a poll said readable (direct descriptors).
 pub(super) const OP_RECV: u64 = 6;
-/// Shutdown and close of a direct descriptor (completions only on failure).
+/// Cancel and close of a direct descriptor (completions only on failure).
 pub(super) const OP_CLOSE: u64 = 7;
 
 /// The provided-buffer group of the worker's buffer ring (recv mode).
@@ -235,7 +235,8 @@ impl Worker {
             }
             OP_READ => self.on_read(idx, gen, res, flags),
             OP_RECV => self.on_recv(idx, gen, res, flags),
-            OP_CLOSE if res < 0 && res != -libc::ENOTCONN => {
+            // ENOENT: nothing was in flight to cancel.
+            OP_CLOSE if res < 0 && res != -libc::ENOENT => {
                 tracing::debug!(thread = self.thread, error = %std::io::Error::from_raw_os_error(-res), "closing a direct descriptor");
             }
             OP_SEND => self.on_send(idx, gen, res),
@@ -276,7 +277,7 @@ fn register_table(ring: &IoUring, thread: u8, max_connections: usize) -> bool {
         Ok(()) => [
             (io_uring::opcode::Accept::CODE, "accept"),
             (io_uring::opcode::Recv::CODE, "recv"),
-            (io_uring::opcode::Shutdown::CODE, "shutdown"),
+            (io_uring::opcode::AsyncCancel::CODE, "cancel"),
             (io_uring::opcode::Close::CODE, "close"),
         ]
         .into_iter()
