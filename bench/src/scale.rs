@@ -25,6 +25,8 @@ pub struct ScaleConfig {
     pub ping_conns: usize,
     pub ping_ms: u64,
     pub ping_secs: u64,
+    /// The egress with `io.uring_direct_descriptors = false` (to compare with the default).
+    pub ordinary_descriptors: bool,
 }
 
 impl ScaleConfig {
@@ -36,6 +38,7 @@ impl ScaleConfig {
             ping_conns: 50_000,
             ping_ms: 2000,
             ping_secs: 60,
+            ordinary_descriptors: false,
         }
     }
 }
@@ -86,10 +89,11 @@ pub struct ScaleSummary {
     pub n: usize,
     pub user: Spread,
     pub slab: Spread,
-    /// The XDP maps per connection at the configured capacity: per-flow growth plus the
-    /// map's memory at start ÷ capacity.
+    /// The XDP maps' memory per connection at the configured capacity: per-flow growth plus
+    /// the maps' memory at start ÷ capacity.
     pub map_share: Spread,
-    /// user + slab − the floor's client half + map share.
+    /// user + slab − the floor's client half + the maps' memory at start ÷ capacity (the
+    /// per-flow entries come from kmalloc slabs, so the slab column has them already).
     pub total: Spread,
     pub floor_total: Spread,
     /// total ÷ the same round's floor total.
@@ -124,11 +128,12 @@ pub struct ScaleResults {
 
 const CAPACITY: usize = 1_000_000;
 
-fn egress_config(threads: usize, keepalive_ms: u64) -> String {
+fn egress_config(threads: usize, keepalive_ms: u64, ordinary: bool) -> String {
     // The shipped defaults (max_connections 1,000,000, XDP liveness) but for the io threads,
     // the interface (loopback) and the per-address limit (all load is from 127/8).
     format!(
-        "[liveness]\nmode = \"xdp\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"600s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"uring\"\nthreads = {threads}\n[limits]\nmax_connections_per_ip = 1000000\n"
+        "[liveness]\nmode = \"xdp\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"600s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"uring\"\nthreads = {threads}\nuring_direct_descriptors = {}\n[limits]\nmax_connections_per_ip = 1000000\n",
+        !ordinary
     )
 }
 
@@ -153,6 +158,7 @@ fn point(
     n: usize,
     round: usize,
     window: u64,
+    ordinary: bool,
     port: u16,
     net: u8,
 ) -> Result<ScalePoint> {
@@ -161,7 +167,7 @@ fn point(
     let server: Server = if floor {
         procs::start_floor(exe, port, servers)?
     } else {
-        procs::start_egress(bin, row, &egress_config(servers, 5000), port)?
+        procs::start_egress(bin, row, &egress_config(servers, 5000, ordinary), port)?
     };
     let pids = server.pids();
     let spec = |n, base| LoadSpec { tcp: floor, net, reset: true, ..LoadSpec::new(n, base) };
@@ -202,7 +208,8 @@ fn point(
 /// CPU per PING at `conns` connections PINGing every `ping_ms` for `secs`.
 fn ping_cost(bin: &Path, cfg: &ScaleConfig, port: u16) -> Result<PingCost> {
     let threads = cfg.ping_conns.div_ceil(PER_RING).max(2);
-    let server = procs::start_egress(bin, "uring+xdp", &egress_config(threads, cfg.ping_ms), port)?;
+    let server =
+        procs::start_egress(bin, "uring+xdp", &egress_config(threads, cfg.ping_ms, cfg.ordinary_descriptors), port)?;
     let pid = server.pids()[0];
     let spec = LoadSpec {
         ping_ms: cfg.ping_ms,
@@ -252,7 +259,7 @@ pub fn run(bin: &Path, exe: &Path, cfg: &ScaleConfig) -> Result<ScaleResults> {
             for row in ["floor", "uring+xdp"] {
                 port += 1;
                 net = net.wrapping_add(1).max(1);
-                let p = point(bin, exe, row, n, round, cfg.window_secs, port, net)
+                let p = point(bin, exe, row, n, round, cfg.window_secs, cfg.ordinary_descriptors, port, net)
                     .with_context(|| format!("{row} at N = {n}"))?;
                 eprintln!("   round {round} {row} N={n}: {p:?}");
                 points.push(p);
@@ -279,7 +286,8 @@ fn summarize(points: &[ScalePoint], ns: &[usize]) -> Vec<ScaleSummary> {
         };
         let total = |p: &ScalePoint| {
             let floor_slab = of("floor").find(|f| f.round == p.round).map_or(0.0, |f| f.slab_bytes_per_conn);
-            p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0 + map_share(p)
+            p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn - floor_slab / 2.0
+                + p.map_bytes_start as f64 / CAPACITY as f64
         };
         let e: Vec<&ScalePoint> = of("uring+xdp").collect();
         out.push(ScaleSummary {
@@ -303,9 +311,13 @@ pub fn markdown(r: &ScaleResults, command: &str) -> String {
     let mut s = format!(
         "\n### Past the open-file limit: io_uring + XDP against the floor\n\n`{command}`: {} rounds, rows interleaved; \
          median (min–max) over the rounds. The egress runs its shipped defaults (max_connections {}, so the XDP map's \
-         capacity) with one io thread per {PER_RING} connections; the floor runs as many accept-and-hold processes.\n\n\
+         capacity) with one io thread per {PER_RING} connections{}; the floor runs as many accept-and-hold processes. \
+         Server total = user + slab − half the floor's slab + the XDP maps' memory at start ÷ capacity (their per-flow \
+         entries are kmalloc'd, so already in the slab column).\n\n\
          | N | user B/conn | slab B/conn (client+server) | XDP maps B/conn at capacity | server total B/conn | floor total B/conn | × floor | idle wakeups/s | handshakes/s |\n|---|---|---|---|---|---|---|---|---|\n",
-        r.config.rounds, r.capacity
+        r.config.rounds,
+        r.capacity,
+        if r.config.ordinary_descriptors { " and ordinary descriptors" } else { "" }
     );
     for x in &r.summary {
         s += &format!(

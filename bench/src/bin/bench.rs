@@ -72,6 +72,9 @@ enum Cmd {
         /// Other PING interval, ms (default 2,000).
         #[arg(long)]
         ping_ms: Option<u64>,
+        /// The egress with ordinary descriptors (`io.uring_direct_descriptors = false`).
+        #[arg(long)]
+        ordinary_descriptors: bool,
     },
     /// The QUIC anchor's server (started by the tunnel measurement).
     QuicSink,
@@ -108,7 +111,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Floor { listen } => floor(listen),
         Cmd::QuicSink => bench::quic_sink::serve(),
-        Cmd::Scale { out, bin, ns, rounds, ping_secs, ping_conns, ping_ms } => {
+        Cmd::Scale { out, bin, ns, rounds, ping_secs, ping_conns, ping_ms, ordinary_descriptors } => {
             let mut cfg = bench::scale::ScaleConfig::full();
             if !ns.is_empty() {
                 cfg.ns = ns;
@@ -117,6 +120,7 @@ fn main() -> Result<()> {
             cfg.ping_secs = ping_secs.unwrap_or(cfg.ping_secs);
             cfg.ping_conns = ping_conns.unwrap_or(cfg.ping_conns);
             cfg.ping_ms = ping_ms.unwrap_or(cfg.ping_ms);
+            cfg.ordinary_descriptors = ordinary_descriptors;
             let r = scale_section(&bin, &out, &cfg)?;
             print!("{}", bench::scale::markdown(&r, "cargo xtask bench --scale"));
             Ok(())
