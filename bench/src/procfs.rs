@@ -45,9 +45,9 @@ pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
 /// Voluntary + involuntary context switches of every thread of `pid` (a proxy for wakeups).
 pub fn context_switches(pid: u32) -> Option<u64> {
     let mut total = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let t = t.ok()?;
-        let s = std::fs::read_to_string(t.path().join("status")).ok()?;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        // A thread that ended between the listing and the read no longer counts.
+        let Ok(s) = std::fs::read_to_string(t.path().join("status")) else { continue };
         for l in s.lines() {
             if l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:") {
                 total += l.split_whitespace().nth(1)?.parse::<u64>().ok()?;
