@@ -146,6 +146,12 @@ fn transparent_huge_pages_are_off_unless_configured() {
     assert!(log.contains("transparent huge pages as the system says"), "{log}");
 }
 
+/// `n` handshaked links to `url`, opened at once.
+async fn open_links(url: &str, n: usize) -> Vec<Link> {
+    let all = futures_util::future::join_all((0..n).map(|_| Link::connect(LinkConfig::new(url.to_string())))).await;
+    all.into_iter().map(|l| l.expect("a handshaked link")).collect()
+}
+
 /// The io_uring backend keeps its connections in each ring's registered file table: no
 /// descriptor of the process per connection. Where the kernel refuses the table (here: a
 /// descriptor limit below the table's minimum of 64 slots) a worker falls back to ordinary
@@ -196,11 +202,7 @@ async fn connections_use_direct_descriptors_and_fall_back_to_ordinary_ones_when_
     let (child, url, admin, log) = start(None);
     let pid = child.id();
     let fds = bench::procfs::fds(pid).unwrap();
-    let links: Vec<Link> = futures_util::future::join_all((0..20).map(|_| Link::connect(LinkConfig::new(url.clone()))))
-        .await
-        .into_iter()
-        .map(|l| l.expect("link"))
-        .collect();
+    let links = open_links(&url, 20).await;
     assert!(bench::procfs::direct_descriptors(pid).unwrap() >= 20, "the connections are in the rings' tables");
     assert!(bench::procfs::fds(pid).unwrap() < fds + 20, "and not in the process's");
     assert_eq!((workers(admin, "direct"), workers(admin, "ordinary")), (2.0, 0.0));
@@ -215,11 +217,7 @@ async fn connections_use_direct_descriptors_and_fall_back_to_ordinary_ones_when_
     assert!(text.contains("cannot register a file table of 64 slots"), "the reason: {text}");
     assert_eq!((workers(admin, "direct"), workers(admin, "ordinary")), (0.0, 2.0));
     let fds = bench::procfs::fds(pid).unwrap();
-    let links: Vec<Link> = futures_util::future::join_all((0..5).map(|_| Link::connect(LinkConfig::new(url.clone()))))
-        .await
-        .into_iter()
-        .map(|l| l.expect("handshaked on an ordinary descriptor"))
-        .collect();
+    let links = open_links(&url, 5).await;
     assert_eq!(bench::procfs::direct_descriptors(pid).unwrap(), 0);
     // (The status sampler holds a /proc file for a moment now and then: one either way.)
     let now = bench::procfs::fds(pid).unwrap();

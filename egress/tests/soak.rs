@@ -65,8 +65,7 @@ impl EgressProc {
 
     /// Descriptors: the process's, and the direct ones in its io_uring tables.
     fn fds(&self) -> usize {
-        let direct = bench::procfs::direct_descriptors(self.pid()).unwrap() as usize;
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count() + direct
+        (bench::procfs::fds(self.pid()).unwrap() + bench::procfs::direct_descriptors(self.pid()).unwrap()) as usize
     }
 
     fn rss(&self) -> u64 {
