@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod frame;
 pub mod grease;
 pub mod handshake;
+mod labels;
 pub mod packet_size;
 pub mod proxy;
 pub mod relay;

@@ -13,6 +13,7 @@ use crate::frame::{
 };
 use crate::grease;
 use crate::handshake;
+use crate::labels::LabelSet;
 use crate::packet_size::{self, DataRefused};
 use crate::time::Timestamp;
 
@@ -144,9 +145,12 @@ pub struct ServerSession {
     close_at: Timestamp,
     /// Labels below this have been seen (labels are allocated monotonically).
     next_new_label: u64,
-    /// Open labels, sorted. Empty (no heap) on idle connections.
-    routes: Vec<u64>,
+    /// Open labels. One pointer, no heap, on idle connections.
+    routes: LabelSet,
 }
+
+// One per connection on a server holding hundreds of thousands of them.
+const _: () = assert!(std::mem::size_of::<ServerSession>() <= 64);
 
 impl ServerSession {
     /// A session for a connection that completed its WebSocket upgrade at `now`.
@@ -164,7 +168,7 @@ impl ServerSession {
             last_ping_tx: now,
             close_at: Timestamp::ZERO,
             next_new_label: 0,
-            routes: Vec::new(),
+            routes: LabelSet::default(),
         }
     }
 
@@ -202,7 +206,7 @@ impl ServerSession {
 
     /// Open route labels, ascending.
     pub fn routes(&self) -> &[u64] {
-        &self.routes
+        self.routes.as_slice()
     }
 
     /// The largest frame this side accepts now.
@@ -371,13 +375,10 @@ impl ServerSession {
                 Err(self.violation("data", "from a probe", tx))
             }
             Frame::Data { label, packet } => self.on_data(cfg, label, packet, tx),
-            Frame::RouteClose { label, code } => match self.routes.binary_search(&label) {
-                Ok(i) => {
-                    self.routes.remove(i);
-                    Ok(ServerEvent::RouteClosed { label, code })
-                }
-                // Crossed with our own ROUTE_CLOSE, or never opened: nothing to release.
-                Err(_) => Ok(ServerEvent::None),
+            // Crossed with our own ROUTE_CLOSE, or never opened: nothing to release.
+            Frame::RouteClose { label, code } => match self.routes.remove(label) {
+                true => Ok(ServerEvent::RouteClosed { label, code }),
+                false => Ok(ServerEvent::None),
             },
             Frame::Error { code, reason } => {
                 self.state = State::Closed;
@@ -526,43 +527,38 @@ impl ServerSession {
         packet: &'a [u8],
         tx: &mut Vec<u8>,
     ) -> Result<ServerEvent<'a>, Close> {
-        match self.routes.binary_search(&label) {
-            Ok(_) => Ok(ServerEvent::Data { label, packet, new_route: false }),
-            Err(_) if label < self.next_new_label => {
-                // A route that was closed (or refused): drop silently. Labels are never
-                // reused, and answering every late packet would be an amplifier.
-                Ok(ServerEvent::None)
-            }
-            Err(pos) => {
-                self.next_new_label = label.saturating_add(1);
-                let max_routes = if self.client_capabilities().has(Capabilities::ROUTES) { cfg.max_routes } else { 1 };
-                let refuse = if self.state == State::Draining {
-                    Some(ErrorCode::DRAINING)
-                } else if self.routes.len() as u64 >= max_routes {
-                    Some(ErrorCode::ROUTE_LIMIT)
-                } else {
-                    None
-                };
-                if let Some(code) = refuse {
-                    Frame::RouteClose { label, code }.encode(0, tx);
-                    return Ok(ServerEvent::None);
-                }
-                self.routes.insert(pos, label);
-                Ok(ServerEvent::Data { label, packet, new_route: true })
-            }
+        if self.routes.contains(label) {
+            return Ok(ServerEvent::Data { label, packet, new_route: false });
         }
+        if label < self.next_new_label {
+            // A route that was closed (or refused): drop silently. Labels are never
+            // reused, and answering every late packet would be an amplifier.
+            return Ok(ServerEvent::None);
+        }
+        self.next_new_label = label.saturating_add(1);
+        let max_routes = if self.client_capabilities().has(Capabilities::ROUTES) { cfg.max_routes } else { 1 };
+        let refuse = if self.state == State::Draining {
+            Some(ErrorCode::DRAINING)
+        } else if self.routes.len() as u64 >= max_routes {
+            Some(ErrorCode::ROUTE_LIMIT)
+        } else {
+            None
+        };
+        if let Some(code) = refuse {
+            Frame::RouteClose { label, code }.encode(0, tx);
+            return Ok(ServerEvent::None);
+        }
+        self.routes.insert(label);
+        Ok(ServerEvent::Data { label, packet, new_route: true })
     }
 
     /// Closes a route from this side (e.g. its QUIC connection ended) and tells the client.
     pub fn close_route(&mut self, label: u64, code: ErrorCode, tx: &mut Vec<u8>) -> bool {
-        match self.routes.binary_search(&label) {
-            Ok(i) => {
-                self.routes.remove(i);
-                Frame::RouteClose { label, code }.encode(0, tx);
-                true
-            }
-            Err(_) => false,
+        let open = self.routes.remove(label);
+        if open {
+            Frame::RouteClose { label, code }.encode(0, tx);
         }
+        open
     }
 
     /// Starts draining: GOAWAY now, close at `now + grace_ms`.
@@ -593,7 +589,7 @@ impl ServerSession {
         if !self.is_open() {
             return Err(DataRefused::NotOpen);
         }
-        if self.routes.binary_search(&label).is_err() {
+        if !self.routes.contains(label) {
             return Err(DataRefused::NoRoute(label));
         }
         packet_size::check_fits(label, packet.len(), self.max_frame_size(cfg))?;

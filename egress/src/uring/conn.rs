@@ -91,6 +91,10 @@ impl Conn {
     }
 }
 
+// An idle connection's whole user-space cost is this struct plus a wheel entry: keep it
+// within 112 bytes (docs/BENCHMARKS.md, "Past the open-file limit").
+const _: () = assert!(std::mem::size_of::<Conn>() <= 112);
+
 /// Bytes of per-connection state in the worker's table (what an idle connection costs in
 /// user space, besides its share of the worker's fixed buffers).
 pub const fn size_of_conn() -> usize {
