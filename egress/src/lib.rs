@@ -224,6 +224,10 @@ impl Egress {
         let grace = u64::try_from(self.shared.config.drain.grace.as_millis()).unwrap_or(u64::MAX);
         let deadline = self.shared.now() + grace;
         self.shared.drain_deadline.store(deadline.as_millis(), std::sync::atomic::Ordering::Relaxed);
+        if let Some(u) = &self.uring {
+            // Workers with nothing due sleep; this one is news to them.
+            u.wake();
+        }
         ::metrics::gauge!(crate::metrics::DRAINING).set(1.0);
         tracing::info!(connections = self.connections(), grace = ?self.shared.config.drain.grace, "draining");
     }

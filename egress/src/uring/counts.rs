@@ -16,6 +16,14 @@ pub(super) struct Counts {
 }
 
 impl Counts {
+    /// Whether anything waits to be flushed (the loop then wakes for it).
+    pub(super) fn pending(&self) -> bool {
+        self.bytes_rx > 0
+            || self.bytes_tx > 0
+            || self.frames_rx.iter().any(|&n| n > 0)
+            || self.frames_tx.iter().any(|&n| n > 0)
+    }
+
     /// Hands the counts to `metrics` and zeroes them.
     pub(super) fn flush(&mut self) {
         let c = self;

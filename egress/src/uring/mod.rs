@@ -148,6 +148,13 @@ impl Uring {
         self.routes.clone()
     }
 
+    /// Wakes every worker to look at the shared state (the drain started).
+    pub fn wake(&self) {
+        for inbox in &self.routes.inboxes {
+            inbox.kick();
+        }
+    }
+
     /// Stops the workers and waits for them (connections are dropped).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);

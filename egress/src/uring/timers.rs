@@ -67,7 +67,7 @@ impl Worker {
             self.shared.stats.userspace_liveness_checks.fetch_add(checked, Ordering::Relaxed);
             metrics::counter!(m::USERSPACE_CHECKS).increment(checked);
         }
-        if now.as_millis() >= self.counts_flushed + COUNTS_FLUSH_MS {
+        if self.counts.pending() && now.as_millis() >= self.counts_flushed + COUNTS_FLUSH_MS {
             self.counts_flushed = now.as_millis();
             self.flush_counts();
         }

@@ -1,6 +1,8 @@
 //! A coarse hashed timer wheel: one tick per sweep interval. Connections are filed lazily:
 //! an entry is only re-filed when it fires and its deadline has moved, so a PING (which moves
-//! the idle deadline) costs nothing here.
+//! the idle deadline) costs nothing here. The loop sleeps until the next tick that has
+//! entries, not tick by tick: a worker whose connections have no deadline (idle ones whose
+//! liveness the kernel tracks) does not wake at all.
 
 pub const NOT_FILED: u32 = u32::MAX;
 
@@ -9,6 +11,8 @@ pub struct Wheel {
     granularity_ms: u64,
     /// Last tick processed.
     current: u64,
+    /// No slot of a tick before this one has entries (`u64::MAX`: no slot has).
+    earliest: u64,
 }
 
 impl Wheel {
@@ -17,6 +21,7 @@ impl Wheel {
             slots: vec![Vec::new(); slots],
             granularity_ms: granularity_ms.max(1),
             current: now_ms / granularity_ms.max(1),
+            earliest: u64::MAX,
         }
     }
 
@@ -30,6 +35,7 @@ impl Wheel {
     pub fn file(&mut self, idx: u32, tick: u64) -> u32 {
         let n = self.slots.len() as u64;
         self.slots[(tick % n) as usize].push(idx);
+        self.earliest = self.earliest.min(tick);
         tick as u32
     }
 
@@ -54,9 +60,59 @@ impl Wheel {
         }
     }
 
-    /// How long until the next tick is due: the loop sleeps exactly that long, so a tick is
-    /// handled at its boundary, not up to a whole tick late.
-    pub fn ms_to_next_tick(&self, now_ms: u64) -> u64 {
-        ((self.current + 1) * self.granularity_ms).saturating_sub(now_ms).clamp(1, self.granularity_ms)
+    /// The first tick after the last one processed that has entries (stale ones included:
+    /// they cost one wake-up at most).
+    pub fn next_filled(&mut self) -> Option<u64> {
+        let n = self.slots.len() as u64;
+        let from = self.earliest.max(self.current + 1);
+        let found = (from..self.current + n).find(|t| !self.slots[(t % n) as usize].is_empty());
+        self.earliest = found.unwrap_or(u64::MAX);
+        found
+    }
+
+    /// How long the loop may sleep before a tick with entries is due (`None`: none is filed).
+    /// The loop then sleeps exactly that long, so a tick is handled at its boundary.
+    pub fn ms_to_next_filled(&mut self, now_ms: u64) -> Option<u64> {
+        let tick = self.next_filled()?;
+        Some((tick * self.granularity_ms).saturating_sub(now_ms).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Wheel;
+
+    #[test]
+    fn an_empty_wheel_never_wakes_the_loop_and_a_filed_one_wakes_it_at_the_tick() {
+        let mut w = Wheel::new(1000, 8, 10_500);
+        assert_eq!(w.ms_to_next_filled(10_500), None);
+        let t = w.tick_of(13_200);
+        assert_eq!(t, 14);
+        w.file(3, t);
+        assert_eq!(w.ms_to_next_filled(10_500), Some(3_500));
+        w.file(4, w.tick_of(11_000));
+        assert_eq!(w.ms_to_next_filled(10_500), Some(500));
+        // Nothing is due before its tick; then the ticks come in order, each once.
+        assert!(w.next_due(10_999).is_none());
+        let (tick, due) = w.next_due(11_000).expect("tick 11");
+        assert_eq!((tick, due.as_slice()), (11, &[4][..]));
+        w.recycle(due);
+        assert_eq!(w.ms_to_next_filled(11_000), Some(3_000));
+        let mut seen = Vec::new();
+        while let Some((tick, due)) = w.next_due(20_000) {
+            seen.extend(due.iter().map(|i| (tick, *i)));
+            w.recycle(due);
+        }
+        assert_eq!(seen, [(14, 3)]);
+        assert_eq!(w.ms_to_next_filled(20_000), None);
+    }
+
+    #[test]
+    fn deadlines_past_the_horizon_are_filed_at_its_edge() {
+        let mut w = Wheel::new(1000, 8, 0);
+        let t = w.tick_of(1_000_000);
+        assert_eq!(t, 7);
+        w.file(1, t);
+        assert_eq!(w.ms_to_next_filled(0), Some(7_000));
     }
 }

@@ -2,7 +2,7 @@
 
 use super::bufring::BufRing;
 use super::conn::{Conn, Slab, State};
-use super::counts::Counts;
+use super::counts::{Counts, COUNTS_FLUSH_MS};
 use super::iptable::IpTable;
 use super::routes::{Inbox, OutQueue, UringRoutes};
 use super::wheel::Wheel;
@@ -25,6 +25,9 @@ pub(super) const OP_CLOSE: u64 = 7;
 
 /// The provided-buffer group of the worker's buffer ring (recv mode).
 const BUFRING_GROUP: u16 = 7;
+/// The longest a worker sleeps with nothing to do (everything that needs it sooner, a
+/// deadline, a completion, stop or drain, wakes it).
+const MAX_SLEEP_MS: u64 = 60_000;
 
 pub(super) fn ud(op: u64, gen: u8, idx: u32) -> u64 {
     (op << 56) | (u64::from(gen) << 32) | u64::from(idx)
@@ -166,7 +169,7 @@ impl Worker {
                 self.shutdown();
                 return;
             }
-            let wait = std::time::Duration::from_millis(self.wheel.ms_to_next_tick(self.shared.now().as_millis()));
+            let wait = std::time::Duration::from_millis(self.sleep_ms());
             let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -196,6 +199,18 @@ impl Worker {
             }
             self.retry_recvs();
         }
+    }
+
+    /// How long the loop may wait for completions: until the next wheel tick with entries
+    /// or the next flush of pending counts. Idle, it sleeps [`MAX_SLEEP_MS`]; stop and drain
+    /// wake it through the inbox's eventfd.
+    fn sleep_ms(&mut self) -> u64 {
+        let now = self.shared.now().as_millis();
+        let mut ms = self.wheel.ms_to_next_filled(now).unwrap_or(MAX_SLEEP_MS).min(MAX_SLEEP_MS);
+        if self.counts.pending() {
+            ms = ms.min((self.counts_flushed + COUNTS_FLUSH_MS).saturating_sub(now).max(1));
+        }
+        ms
     }
 
     pub(super) fn on_cqe(&mut self, u: u64, res: i32, flags: u32) {
