@@ -52,8 +52,11 @@ pub struct ScalePoint {
     pub servers: usize,
     pub handshaked: u64,
     pub failed: u64,
-    /// RSS growth from the warm-up to N, ÷ N (all the row's processes).
+    /// RSS growth from the warm-up to N, ÷ N (all the row's processes): what N connections
+    /// cost, the per-thread memory they first touch (buffers, tables) included.
     pub user_bytes_per_conn: f64,
+    /// RSS growth from N/2 to N, ÷ (N − N/2): the slope, with every thread already warm.
+    pub user_slope: f64,
     /// Slab growth ÷ N, client and server sockets together.
     pub slab_bytes_per_conn: f64,
     /// The BPF maps' memory (kernel `memlock`) before the load and with N connections.
@@ -88,6 +91,7 @@ impl Spread {
 pub struct ScaleSummary {
     pub n: usize,
     pub user: Spread,
+    pub slope: Spread,
     pub slab: Spread,
     /// The XDP maps' memory per connection at the configured capacity: per-flow growth plus
     /// the maps' memory at start ÷ capacity.
@@ -175,8 +179,15 @@ fn point(
     std::thread::sleep(Duration::from_millis(1500));
     let (rss0, slab0, map0) =
         (sum(&pids, procfs::rss_bytes), procfs::slab().values().sum::<u64>(), sum(&pids, procfs::bpf_map_bytes));
-    let mut load = procs::start_load(bin, server.addr, spec(n, 10))?;
-    let ready = load.ready()?;
+    // In two halves, so the slope between N/2 and N is measured on the same threads.
+    let half = n / 2;
+    let mut first = procs::start_load(bin, server.addr, spec(half, 10))?;
+    let ready_half = first.ready()?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let rss_half = sum(&pids, procfs::rss_bytes);
+    let base = 10 + u8::try_from(half.div_ceil(procs::PER_PROCESS)).context("too many load processes")?;
+    let mut second = procs::start_load(bin, server.addr, spec(n - half, base))?;
+    let ready = second.ready()?;
     std::thread::sleep(Duration::from_millis(1000));
     let (rss1, slab1, map1) =
         (sum(&pids, procfs::rss_bytes), procfs::slab().values().sum::<u64>(), sum(&pids, procfs::bpf_map_bytes));
@@ -190,17 +201,20 @@ fn point(
         n,
         round,
         servers,
-        handshaked: ready.handshaked,
-        failed: ready.failed,
+        handshaked: ready_half.handshaked + ready.handshaked,
+        failed: ready_half.failed + ready.failed,
         user_bytes_per_conn: per(rss0, rss1),
+        user_slope: (rss1 as f64 - rss_half as f64) / (n - half) as f64,
         slab_bytes_per_conn: per(slab0, slab1),
         map_bytes_start: map0,
         map_bytes_at_n: map1,
         rss_bytes: rss1,
-        handshakes_per_sec: ready.handshaked as f64 / ready.ready_secs.max(1e-3),
+        handshakes_per_sec: (ready_half.handshaked + ready.handshaked) as f64
+            / (ready_half.ready_secs + ready.ready_secs).max(1e-3),
         idle_wakeups_per_sec: (cs1 - cs0) as f64 / t.elapsed().as_secs_f64(),
     };
-    load.kill();
+    first.kill();
+    second.kill();
     drop(server);
     Ok(p)
 }
@@ -293,6 +307,7 @@ fn summarize(points: &[ScalePoint], ns: &[usize]) -> Vec<ScaleSummary> {
         out.push(ScaleSummary {
             n,
             user: Spread::of(e.iter().map(|p| p.user_bytes_per_conn).collect()),
+            slope: Spread::of(e.iter().map(|p| p.user_slope).collect()),
             slab: Spread::of(e.iter().map(|p| p.slab_bytes_per_conn).collect()),
             map_share: Spread::of(e.iter().map(|p| map_share(p)).collect()),
             total: Spread::of(e.iter().map(|p| total(p)).collect()),
@@ -313,17 +328,20 @@ pub fn markdown(r: &ScaleResults, command: &str) -> String {
          median (min–max) over the rounds. The egress runs its shipped defaults (max_connections {}, so the XDP map's \
          capacity) with one io thread per {PER_RING} connections{}; the floor runs as many accept-and-hold processes. \
          Server total = user + slab − half the floor's slab + the XDP maps' memory at start ÷ capacity (their per-flow \
-         entries are kmalloc'd, so already in the slab column).\n\n\
-         | N | user B/conn | slab B/conn (client+server) | XDP maps B/conn at capacity | server total B/conn | floor total B/conn | × floor | idle wakeups/s | handshakes/s |\n|---|---|---|---|---|---|---|---|---|\n",
+         entries are kmalloc'd, so already in the slab column). User B/conn is the RSS growth from the warm-up to N ÷ N, \
+         so it includes what the io threads first touch under load (buffers, tables); the slope is the growth from \
+         N/2 to N ÷ N/2, on threads already warm: what one more connection costs.\n\n\
+         | N | user B/conn | user slope N/2→N | slab B/conn (client+server) | XDP maps B/conn at capacity | server total B/conn | floor total B/conn | × floor | idle wakeups/s | handshakes/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
         r.config.rounds,
         r.capacity,
         if r.config.ordinary_descriptors { " and ordinary descriptors" } else { "" }
     );
     for x in &r.summary {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             x.n,
             x.user.show(0),
+            x.slope.show(0),
             x.slab.show(0),
             x.map_share.show(0),
             x.total.show(0),
