@@ -118,6 +118,9 @@ impl Worker {
         c.gen = c.gen.wrapping_add(1);
         c.state = State::Free;
         c.flags = 0;
+        if c.filed != NOT_FILED {
+            self.wheel.unfile(c.filed);
+        }
         c.filed = NOT_FILED;
         c.session = ServerSession::new(Timestamp::ZERO);
         c.rx = None;

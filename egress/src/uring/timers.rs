@@ -29,11 +29,24 @@ impl Worker {
         }
     }
 
+    /// Files the connection at its next deadline if that is earlier than where it is filed
+    /// (a later one waits until the filed tick passes: a PING costs nothing here), and takes
+    /// it out of the wheel's count when it has no deadline left, so it wakes nobody.
     pub(super) fn refile(&mut self, idx: u32) {
-        let Some(d) = self.deadline(idx) else { return };
+        let deadline = self.deadline(idx);
+        let filed = self.conns[idx as usize].filed;
+        let Some(d) = deadline else {
+            if filed != NOT_FILED {
+                self.wheel.unfile(filed);
+                self.conns[idx as usize].filed = NOT_FILED;
+            }
+            return;
+        };
         let tick = self.wheel.tick_of(d);
-        let c = &self.conns[idx as usize];
-        if c.filed == NOT_FILED || u64::from(c.filed) > tick {
+        if filed == NOT_FILED || u64::from(filed) > tick {
+            if filed != NOT_FILED {
+                self.wheel.unfile(filed);
+            }
             let t = self.wheel.file(idx, tick);
             self.conns[idx as usize].filed = t;
         }
@@ -45,10 +58,13 @@ impl Worker {
         while let Some((tick, entries)) = self.wheel.next_due(now.as_millis()) {
             for &idx in &entries {
                 let c = &mut self.conns[idx as usize];
-                if c.filed != tick || matches!(c.state, State::Free | State::Zombie) {
+                if c.filed != tick {
                     continue;
                 }
                 c.filed = NOT_FILED;
+                if matches!(c.state, State::Free | State::Zombie) {
+                    continue;
+                }
                 if c.session.is_open() {
                     checked += 1;
                 }

@@ -8,6 +8,10 @@ pub const NOT_FILED: u32 = u32::MAX;
 
 pub struct Wheel {
     slots: Vec<Vec<u32>>,
+    /// Entries of each slot that are still filed there (the others went stale: their
+    /// connection was re-filed earlier, needs no deadline any more, or closed). Only a slot
+    /// with live entries wakes the loop.
+    live: Vec<u32>,
     granularity_ms: u64,
     /// Last tick processed.
     current: u64,
@@ -16,9 +20,12 @@ pub struct Wheel {
 }
 
 impl Wheel {
+    /// `slots` must be a power of two (a slot is found from the low 32 bits of its tick).
     pub fn new(granularity_ms: u64, slots: usize, now_ms: u64) -> Self {
+        assert!(slots.is_power_of_two() && slots <= 1 << 31);
         Wheel {
             slots: vec![Vec::new(); slots],
+            live: vec![0; slots],
             granularity_ms: granularity_ms.max(1),
             current: now_ms / granularity_ms.max(1),
             earliest: u64::MAX,
@@ -35,8 +42,17 @@ impl Wheel {
     pub fn file(&mut self, idx: u32, tick: u64) -> u32 {
         let n = self.slots.len() as u64;
         self.slots[(tick % n) as usize].push(idx);
+        self.live[(tick % n) as usize] += 1;
         self.earliest = self.earliest.min(tick);
         tick as u32
+    }
+
+    /// Marks the entry filed at `filed` (a value [`Wheel::file`] returned, for a tick not yet
+    /// due) stale.
+    pub fn unfile(&mut self, filed: u32) {
+        let slot = filed as usize % self.slots.len();
+        debug_assert!(self.live[slot] > 0, "unfiling from an empty slot");
+        self.live[slot] = self.live[slot].saturating_sub(1);
     }
 
     /// The next tick due by `now_ms` with its entries (taken out of the wheel); the caller
@@ -46,8 +62,9 @@ impl Wheel {
             return None;
         }
         self.current += 1;
-        let n = self.slots.len() as u64;
-        Some((self.current as u32, std::mem::take(&mut self.slots[(self.current % n) as usize])))
+        let slot = (self.current % self.slots.len() as u64) as usize;
+        self.live[slot] = 0;
+        Some((self.current as u32, std::mem::take(&mut self.slots[slot])))
     }
 
     /// Returns a vector from [`Wheel::next_due`] to keep its capacity.
@@ -60,12 +77,11 @@ impl Wheel {
         }
     }
 
-    /// The first tick after the last one processed that has entries (stale ones included:
-    /// they cost one wake-up at most).
+    /// The first tick after the last one processed that has live entries.
     pub fn next_filled(&mut self) -> Option<u64> {
         let n = self.slots.len() as u64;
         let from = self.earliest.max(self.current + 1);
-        let found = (from..self.current + n).find(|t| !self.slots[(t % n) as usize].is_empty());
+        let found = (from..self.current + n).find(|t| self.live[(t % n) as usize] > 0);
         self.earliest = found.unwrap_or(u64::MAX);
         found
     }
@@ -105,6 +121,27 @@ mod tests {
         }
         assert_eq!(seen, [(14, 3)]);
         assert_eq!(w.ms_to_next_filled(20_000), None);
+    }
+
+    #[test]
+    fn a_slot_whose_entries_all_went_stale_does_not_wake_the_loop() {
+        let mut w = Wheel::new(1000, 8, 0);
+        let a = w.file(1, 3);
+        let b = w.file(2, 3);
+        w.file(3, 5);
+        assert_eq!(w.ms_to_next_filled(0), Some(3_000));
+        w.unfile(a);
+        assert_eq!(w.ms_to_next_filled(0), Some(3_000));
+        w.unfile(b);
+        assert_eq!(w.ms_to_next_filled(0), Some(5_000));
+        // The stale entries still come out when their tick passes (the caller skips them).
+        let mut seen = Vec::new();
+        while let Some((tick, due)) = w.next_due(3_000) {
+            seen.extend(due.iter().map(|i| (tick, *i)));
+            w.recycle(due);
+        }
+        assert_eq!(seen, [(3, 1), (3, 2)]);
+        assert_eq!(w.ms_to_next_filled(3_000), Some(2_000));
     }
 
     #[test]
