@@ -157,6 +157,10 @@ impl Worker {
         c.tx = None;
         if c.state == State::Closing {
             self.finish_close(idx);
+        } else {
+            // The write deadline is gone with the queue: if nothing else is due, the
+            // connection leaves the wheel's count and wakes no one.
+            self.refile(idx);
         }
     }
 
