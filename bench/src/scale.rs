@@ -1,5 +1,6 @@
 //! Density past one process's open-file limit: the io_uring egress with XDP liveness (the
-//! shipped defaults, io threads as needed so each ring's file table stays under the limit)
+//! shipped defaults but for direct descriptors, the setting for a limit below the connections
+//! held, and io threads as needed so each ring's file table stays under the limit)
 //! against the floor (plain accept-and-hold TCP servers, as many processes as the limit needs)
 //! at 50,000 to 150,000 idle connections, in interleaved rounds; and the CPU cost of a PING
 //! with the scheduler's nanosecond clock next to the tick-based user/system split.
@@ -25,7 +26,8 @@ pub struct ScaleConfig {
     pub ping_conns: usize,
     pub ping_ms: u64,
     pub ping_secs: u64,
-    /// The egress with `io.uring_direct_descriptors = false` (to compare with the default).
+    /// The egress with ordinary descriptors (`io.uring_direct_descriptors = false`, the default;
+    /// only N under the open-file limit fit), to compare with the direct ones the scale rows need.
     pub ordinary_descriptors: bool,
 }
 
@@ -133,8 +135,9 @@ pub struct ScaleResults {
 const CAPACITY: usize = 1_000_000;
 
 fn egress_config(threads: usize, keepalive_ms: u64, ordinary: bool) -> String {
-    // The shipped defaults (max_connections 1,000,000, XDP liveness) but for the io threads,
-    // the interface (loopback) and the per-address limit (all load is from 127/8).
+    // The shipped defaults (max_connections 1,000,000, XDP liveness) but for direct
+    // descriptors (past the open-file limit, what an operator there sets), the io threads, the
+    // interface (loopback) and the per-address limit (all load is from 127/8).
     format!(
         "[liveness]\nmode = \"xdp\"\nkeepalive = \"{keepalive_ms}ms\"\nidle_timeout = \"600s\"\ninterfaces = [\"lo\"]\n[io]\nbackend = \"uring\"\nthreads = {threads}\nuring_direct_descriptors = {}\n[limits]\nmax_connections_per_ip = 1000000\n",
         !ordinary
@@ -326,7 +329,7 @@ pub fn markdown(r: &ScaleResults, command: &str) -> String {
     let mut s = format!(
         "\n### Past the open-file limit: io_uring + XDP against the floor\n\n`{command}`: {} rounds, rows interleaved; \
          median (min–max) over the rounds. The egress runs its shipped defaults (max_connections {}, so the XDP map's \
-         capacity) with one io thread per {PER_RING} connections{}; the floor runs as many accept-and-hold processes. \
+         capacity) with one io thread per {PER_RING} connections and {}; the floor runs as many accept-and-hold processes. \
          Server total = user + slab − half the floor's slab + the XDP maps' memory at start ÷ capacity (their per-flow \
          entries are kmalloc'd, so already in the slab column). User B/conn is the RSS growth from the warm-up to N ÷ N, \
          so it includes what the io threads first touch under load (buffers, tables); the slope is the growth from \
@@ -334,7 +337,7 @@ pub fn markdown(r: &ScaleResults, command: &str) -> String {
          | N | user B/conn | user slope N/2→N | slab B/conn (client+server) | XDP maps B/conn at capacity | server total B/conn | floor total B/conn | × floor | idle wakeups/s | handshakes/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
         r.config.rounds,
         r.capacity,
-        if r.config.ordinary_descriptors { " and ordinary descriptors" } else { "" }
+        if r.config.ordinary_descriptors { "ordinary descriptors" } else { "direct descriptors" }
     );
     for x in &r.summary {
         s += &format!(

@@ -70,7 +70,10 @@ pub struct Io {
     pub uring_read: ReadMode,
     /// io_uring: connections live in each ring's registered file table (accepted there, every
     /// operation on the table's index) instead of the process's descriptor table. Falls back
-    /// to ordinary descriptors, logged, where the kernel refuses the table.
+    /// to ordinary descriptors, logged, where the kernel refuses the table. Off by default: a
+    /// PING then costs a receive and a send on the ring instead of two system calls, ≈1.7× the
+    /// CPU at a few thousand PINGs per second (docs/BENCHMARKS.md); for hosts whose open-file
+    /// limit is below the connections they hold.
     pub uring_direct_descriptors: bool,
 }
 
@@ -261,7 +264,7 @@ impl Default for Listen {
 
 impl Default for Io {
     fn default() -> Self {
-        Io { backend: Backend::Auto, threads: 0, uring_read: ReadMode::Poll, uring_direct_descriptors: true }
+        Io { backend: Backend::Auto, threads: 0, uring_read: ReadMode::Poll, uring_direct_descriptors: false }
     }
 }
 

@@ -163,7 +163,7 @@ async fn connections_use_direct_descriptors_and_fall_back_to_ordinary_ones_when_
         let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let state = testkit::temp_dir("direct");
         let config = state.join("egress.toml");
-        std::fs::write(&config, "[io]\nthreads = 2\n").unwrap();
+        std::fs::write(&config, "[io]\nthreads = 2\nuring_direct_descriptors = true\n").unwrap();
         let mut cmd = egress();
         cmd.args(["--ws", "127.0.0.1:0", "--no-wss", "--liveness", "userspace", "--backend", "uring", "--log", "info"])
             .args(["--admin", &admin.to_string()])
