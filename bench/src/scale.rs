@@ -290,13 +290,16 @@ pub fn run(bin: &Path, exe: &Path, cfg: &ScaleConfig) -> Result<ScaleResults> {
     Ok(ScaleResults { config: cfg.clone(), capacity: CAPACITY, points, summary, ping })
 }
 
+/// A floor point's total per connection: its user space and the server half of the slab.
+fn floor_total(p: &ScalePoint) -> f64 {
+    p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn / 2.0
+}
+
 fn summarize(points: &[ScalePoint], ns: &[usize]) -> Vec<ScaleSummary> {
     let mut out = Vec::new();
     for &n in ns {
         let of = |row: &'static str| points.iter().filter(move |p| p.row == row && p.n == n);
-        let floor_total = |round: usize| {
-            of("floor").find(|p| p.round == round).map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn / 2.0)
-        };
+        let floor_of_round = |round: usize| of("floor").find(|p| p.round == round).map(floor_total);
         let map_share = |p: &ScalePoint| {
             (p.map_bytes_at_n as f64 - p.map_bytes_start as f64) / p.n as f64
                 + p.map_bytes_start as f64 / CAPACITY as f64
@@ -314,10 +317,8 @@ fn summarize(points: &[ScalePoint], ns: &[usize]) -> Vec<ScaleSummary> {
             slab: Spread::of(e.iter().map(|p| p.slab_bytes_per_conn).collect()),
             map_share: Spread::of(e.iter().map(|p| map_share(p)).collect()),
             total: Spread::of(e.iter().map(|p| total(p)).collect()),
-            floor_total: Spread::of(
-                of("floor").map(|p| p.user_bytes_per_conn.max(0.0) + p.slab_bytes_per_conn / 2.0).collect(),
-            ),
-            ratio: Spread::of(e.iter().filter_map(|p| Some(total(p) / floor_total(p.round)?)).collect()),
+            floor_total: Spread::of(of("floor").map(floor_total).collect()),
+            ratio: Spread::of(e.iter().filter_map(|p| Some(total(p) / floor_of_round(p.round)?)).collect()),
             idle_wakeups: Spread::of(e.iter().map(|p| p.idle_wakeups_per_sec).collect()),
             handshakes: Spread::of(e.iter().map(|p| p.handshakes_per_sec).collect()),
         });

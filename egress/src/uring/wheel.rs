@@ -98,6 +98,16 @@ impl Wheel {
 mod tests {
     use super::Wheel;
 
+    /// Every (tick, entry) due by `now_ms`, in order, as the loop takes them.
+    fn due_until(w: &mut Wheel, now_ms: u64) -> Vec<(u32, u32)> {
+        let mut seen = Vec::new();
+        while let Some((tick, due)) = w.next_due(now_ms) {
+            seen.extend(due.iter().map(|i| (tick, *i)));
+            w.recycle(due);
+        }
+        seen
+    }
+
     #[test]
     fn an_empty_wheel_never_wakes_the_loop_and_a_filed_one_wakes_it_at_the_tick() {
         let mut w = Wheel::new(1000, 8, 10_500);
@@ -114,12 +124,7 @@ mod tests {
         assert_eq!((tick, due.as_slice()), (11, &[4][..]));
         w.recycle(due);
         assert_eq!(w.ms_to_next_filled(11_000), Some(3_000));
-        let mut seen = Vec::new();
-        while let Some((tick, due)) = w.next_due(20_000) {
-            seen.extend(due.iter().map(|i| (tick, *i)));
-            w.recycle(due);
-        }
-        assert_eq!(seen, [(14, 3)]);
+        assert_eq!(due_until(&mut w, 20_000), [(14, 3)]);
         assert_eq!(w.ms_to_next_filled(20_000), None);
     }
 
@@ -135,12 +140,7 @@ mod tests {
         w.unfile(b);
         assert_eq!(w.ms_to_next_filled(0), Some(5_000));
         // The stale entries still come out when their tick passes (the caller skips them).
-        let mut seen = Vec::new();
-        while let Some((tick, due)) = w.next_due(3_000) {
-            seen.extend(due.iter().map(|i| (tick, *i)));
-            w.recycle(due);
-        }
-        assert_eq!(seen, [(3, 1), (3, 2)]);
+        assert_eq!(due_until(&mut w, 3_000), [(3, 1), (3, 2)]);
         assert_eq!(w.ms_to_next_filled(3_000), Some(2_000));
     }
 
