@@ -10,6 +10,7 @@ pub mod profile;
 pub mod quic_sink;
 pub mod scale;
 pub mod signaling;
+pub mod sysctl;
 pub mod tunnel;
 pub mod wan;
 pub mod wan_link;

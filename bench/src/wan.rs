@@ -144,6 +144,12 @@ fn download(url: &str, proxy: Option<&str>, streams: usize, bytes: u64) -> Resul
 /// Runs every condition. `bin`: the release binaries.
 pub fn run(bin: &Path, bytes: u64) -> Result<Vec<WanRow>> {
     let net = Net::create()?;
+    // The egress's side runs with the sysctl file `xtask deploy` installs; the user's side, a
+    // volunteer's and a censored user's machines, with the kernel's defaults. The origin shares
+    // the egress's namespace, so plain downloads are sent with the same settings.
+    for s in crate::sysctl::apply_shipped(NS_EGRESS)? {
+        eprintln!("wan: egress namespace: {s}");
+    }
     let origin = listen_in(NS_EGRESS, &format!("{IP_EGRESS}:0"))?;
     let url = format!("http://{}/", origin.local_addr()?);
     serve_http(origin, bytes);
@@ -186,7 +192,9 @@ pub fn markdown(rows: &[WanRow], command: &str) -> String {
     let mut s = format!(
         "\nThroughput under delay and loss (`{command}`): {mib} MiB per stream over an emulated link between the \
          relay's side and the egress's side (half the RTT and the loss in each direction), plain = curl straight \
-         to the origin over the same link. Target: the tunnel within 2× of plain (ratio ≥ 0.5).\n\n\
+         to the origin over the same link; the egress's side (egress and origin) runs with the per-namespace \
+         settings of deploy/sysctl/90-broflake-egress.conf, the user's side with the kernel's defaults. \
+         Target: the tunnel within 2× of plain (ratio ≥ 0.5).\n\n\
          | RTT ms | loss each way | streams | plain MB/s | tunnel MB/s | tunnel / plain |\n|---|---|---|---|---|---|\n"
     );
     for r in rows {
