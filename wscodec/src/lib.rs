@@ -242,16 +242,29 @@ fn frame_done<E>(
 
 /// Appends a server frame header (unmasked) for a payload of `len` bytes.
 pub fn frame_header(opcode: u8, len: usize, out: &mut Vec<u8>) {
-    out.push(0x80 | opcode);
-    if len < 126 {
-        out.push(len as u8);
+    let mut h = [0u8; MAX_HEADER];
+    out.extend_from_slice(frame_header_into(opcode, len, &mut h));
+}
+
+/// The longest frame header this side writes: no mask, a 64-bit length.
+pub const MAX_HEADER: usize = 10;
+
+/// Writes a final unmasked frame's header into `out`; returns the bytes written.
+pub fn frame_header_into(opcode: u8, len: usize, out: &mut [u8; MAX_HEADER]) -> &[u8] {
+    out[0] = 0x80 | opcode;
+    let n = if len < 126 {
+        out[1] = len as u8;
+        2
     } else if len <= 0xffff {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
     } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    &out[..n]
 }
 
 /// Appends a close frame.
@@ -496,7 +509,7 @@ mod tests {
         assert_eq!(out, [0x82, 126, 1, 44]);
         out.clear();
         frame_header(2, 70_000, &mut out);
-        assert_eq!(out[..2], [0x82, 127]);
+        assert_eq!(out, [0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         out.clear();
         close_frame(4007, "idle", &mut out);
         assert_eq!(out, [0x88, 6, 0x0f, 0xa7, b'i', b'd', b'l', b'e']);

@@ -201,6 +201,10 @@ struct Conn<S> {
     /// label → route id in the route table. Empty (no heap) on idle connections.
     routes: HashMap<u64, u64>,
     tx: Vec<u8>,
+    /// DATA frames taken from `out_rx` for the next message, sent as they are (no copy).
+    batch: Vec<Bytes>,
+    /// A frame taken from `out_rx` that did not fit in the last message: the next one's first.
+    held: Option<Bytes>,
     state: &'static str,
     /// Why the connection was dropped without a close frame (for the close-reason metric).
     dropped_for: Option<&'static str>,
@@ -227,6 +231,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             out_rx,
             routes: HashMap::new(),
             tx: Vec::new(),
+            batch: Vec::new(),
+            held: None,
             state: "handshaking",
             dropped_for: None,
         }
@@ -256,24 +262,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         loop {
             self.publish_deadline();
-            let mut single = None;
-            let end: Option<WsClose> = tokio::select! {
-                _ = self.reg.handle.wake.notified() => self.on_deadline(),
-                _ = drain.changed() => {
-                    self.start_drain();
+            let end: Option<WsClose> = match self.held.take() {
+                // Queued DATA first: the frame that did not fit in the last message.
+                Some(first) => {
+                    self.gather(first);
                     None
                 }
-                msg = self.ws.next() => match msg {
-                    None => return None,
-                    Some(Ok(msg)) => self.on_message(msg).err(),
-                    Some(Err(e)) => Some(ws_error(e)?),
+                None => tokio::select! {
+                    _ = self.reg.handle.wake.notified() => self.on_deadline(),
+                    _ = drain.changed() => {
+                        self.start_drain();
+                        None
+                    }
+                    msg = self.ws.next() => match msg {
+                        None => return None,
+                        Some(Ok(msg)) => self.on_message(msg).err(),
+                        Some(Err(e)) => Some(ws_error(e)?),
+                    },
+                    Some(first) = self.out_rx.recv() => {
+                        self.gather(first);
+                        None
+                    }
                 },
-                Some(first) = self.out_rx.recv() => {
-                    single = self.coalesce(first);
-                    None
-                }
             };
-            if !self.flush(single.take()).await {
+            // Not once the connection is ending: tungstenite may have answered a close, and
+            // only it knows; what is left goes through it.
+            if end.is_some() {
+                for f in self.batch.drain(..).chain(self.held.take()) {
+                    self.tx.extend_from_slice(&f);
+                }
+            }
+            if !self.batch.is_empty() && !self.send_batch().await {
+                return None;
+            }
+            if !self.flush().await {
                 return None;
             }
             if end.is_some() {
@@ -339,44 +361,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Gathers queued DATA frames into `tx`; returns a frame that is a message on its own.
-    fn coalesce(&mut self, first: Bytes) -> Option<Bytes> {
-        // Several DATA frames may share one message, up to the client's frame limit.
+    /// Takes queued DATA frames into `batch`, up to what one message may carry (the client's
+    /// frame limit); several frames share a message.
+    fn gather(&mut self, first: Bytes) {
         let limit = self.shared.session.max_frame_size as usize;
-        let mut n = 1;
-        let mut single = None;
-        // Even the smallest DATA frame would not fit beside it: alone in its message anyway (a
-        // large packet), so sent as it is, not copied.
-        let smallest = broflake_proto::packet_size::data_frame_size(0, 1);
-        if self.tx.is_empty() && first.len() + smallest > limit {
-            single = Some(first);
-        } else {
-            self.tx.extend_from_slice(&first);
-            while self.tx.len() < limit {
-                match self.out_rx.try_recv() {
-                    Ok(p) => {
-                        self.tx.extend_from_slice(&p);
-                        n += 1;
-                    }
-                    Err(_) => break,
-                }
+        let mut len = first.len();
+        self.batch.push(first);
+        while self.batch.len() < MAX_BATCH {
+            let Ok(next) = self.out_rx.try_recv() else { break };
+            if len + next.len() > limit {
+                self.held = Some(next);
+                break;
             }
+            len += next.len();
+            self.batch.push(next);
         }
-        metrics::counter!(m::FRAMES_SENT, "type" => "data").increment(n);
-        single
+        metrics::counter!(m::FRAMES_SENT, "type" => "data").increment(self.batch.len() as u64);
+    }
+
+    /// Sends the batch as one binary message: its WebSocket header and the frames as they are,
+    /// in vectored writes. `ws.send` would copy them into a message and tungstenite then into
+    /// its write buffer (a quarter of the backend's samples in a download). Tungstenite's buffer
+    /// is flushed first, so nothing it queued on its own (a pong) can land inside this message.
+    async fn send_batch(&mut self) -> bool {
+        let len: usize = self.batch.iter().map(Bytes::len).sum();
+        let mut header = [0u8; wscodec::MAX_HEADER];
+        let header = wscodec::frame_header_into(0x2, len, &mut header);
+        let (ws, batch) = (&mut self.ws, &self.batch);
+        let write = async {
+            ws.flush().await.map_err(std::io::Error::other)?;
+            write_all_vectored(ws.get_mut(), header, batch).await
+        };
+        let r = tokio::time::timeout(self.shared.config.limits.write_timeout, write).await;
+        self.batch.clear();
+        self.sent(len, r)
     }
 
     /// Sends what the session wrote, within the write timeout.
-    async fn flush(&mut self, single: Option<Bytes>) -> bool {
-        let msg = match single {
-            Some(frame) => Message::Binary(frame),
-            None if self.tx.is_empty() => return true,
-            None => Message::Binary(Bytes::from(std::mem::take(&mut self.tx))),
-        };
-        let len = msg.len() as u64;
-        match tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await {
+    async fn flush(&mut self) -> bool {
+        if self.tx.is_empty() {
+            return true;
+        }
+        let msg = Message::Binary(Bytes::from(std::mem::take(&mut self.tx)));
+        let len = msg.len();
+        let r = tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await;
+        self.sent(len, r.map(|r| r.map_err(std::io::Error::other)))
+    }
+
+    fn sent(&mut self, len: usize, r: Result<std::io::Result<()>, tokio::time::error::Elapsed>) -> bool {
+        match r {
             Ok(Ok(())) => {
-                metrics::counter!(m::BYTES_SENT).increment(len);
+                metrics::counter!(m::BYTES_SENT).increment(len as u64);
                 true
             }
             Ok(Err(e)) => {
@@ -545,5 +580,91 @@ fn ws_error(e: WsError) -> Option<WsClose> {
         WsError::Protocol(p) => Some(WsClose { code: 1002, reason: p.to_string() }),
         WsError::Utf8(_) => Some(WsClose { code: 1007, reason: "invalid UTF-8".into() }),
         _ => None,
+    }
+}
+
+/// DATA frames in one message at most (one `writev` takes them all with the header).
+const MAX_BATCH: usize = 64;
+
+/// Writes `head` then every frame of `body`, in as few `writev`s as the socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, head: &[u8], body: &[Bytes]) -> std::io::Result<()> {
+    let mut iov = [std::io::IoSlice::new(&[]); MAX_BATCH + 1];
+    iov[0] = std::io::IoSlice::new(head);
+    for (slot, f) in iov[1..].iter_mut().zip(body) {
+        *slot = std::io::IoSlice::new(f);
+    }
+    let mut iov = &mut iov[..=body.len().min(MAX_BATCH)];
+    while !iov.is_empty() {
+        let n = w.write_vectored(iov).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut iov, n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Takes at most `max` bytes per write, the way a full socket does.
+    struct Trickle {
+        out: Vec<u8>,
+        max: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut left = self.max;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.out.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            Poll::Ready(Ok(self.max - left))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_arrives_whole_and_in_order_through_short_writes() {
+        let frames: Vec<Bytes> =
+            (0..5u8).map(|i| Bytes::from(vec![i; 3 + 5 * i as usize])).chain([Bytes::new()]).collect();
+        let mut want = vec![0x82, 65];
+        for f in &frames {
+            want.extend_from_slice(f);
+        }
+        for max in [1, 2, 7, 64, 1000] {
+            let mut w = Trickle { out: Vec::new(), max };
+            write_all_vectored(&mut w, &[0x82, 65], &frames).await.unwrap();
+            assert_eq!(w.out, want, "max {max}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_nothing_is_an_error_not_a_spin() {
+        let mut w = Trickle { out: Vec::new(), max: 0 };
+        let e = write_all_vectored(&mut w, &[0x82, 1], &[Bytes::from_static(b"x")]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WriteZero);
     }
 }
