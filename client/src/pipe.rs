@@ -76,6 +76,20 @@ impl Pipe {
         }
     }
 
+    /// Sends one message of DATA frames given in pieces (a frame's header, then its packet as
+    /// it arrived): over a WebSocket as they are, behind one WebSocket header, with no copy;
+    /// on a DataChannel joined into one message and sent like a datagram.
+    pub async fn send_data_parts(&mut self, parts: &[Bytes]) -> Result<(), String> {
+        match self {
+            Pipe::Ws(ws) => {
+                // Tungstenite's own queued bytes (a pong) go first, never inside this message.
+                ws.flush().await.map_err(|e| e.to_string())?;
+                broflake_wscodec::io::write_binary_message(ws.get_mut(), parts).await.map_err(|e| e.to_string())
+            }
+            Pipe::Rtc(_) => self.send(Bytes::from(parts.concat()), true).await,
+        }
+    }
+
     /// The next message (WebSocket control frames are handled underneath).
     pub async fn recv(&mut self) -> PipeEvent {
         match self {

@@ -477,14 +477,35 @@ pub(crate) async fn serve_downstream(
     let mut session = ServerSession::new(now());
     let mut ids = broflake_proto::grease::Rng::new(crate::link::seed());
     let mut tx = Vec::new();
+    // The DATA frames of the next message: each frame's header, then its packet as it came from
+    // upstream (a slice of that message, not copied).
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut heads = bytes::BytesMut::new();
+    let mut head = Vec::new();
     // Several packets per message over WebSocket; one per message on a DataChannel.
     let coalesce = if pipe.coalesces_data() { cfg.max_frame_size as usize } else { 0 };
     let max_frame = pipe.max_data_frame(cfg.max_frame_size as usize);
-    let send_data = |session: &ServerSession, label: u64, packet: &[u8], tx: &mut Vec<u8>| {
+    let mut push_data = |session: &ServerSession, label: u64, packet: Bytes, parts: &mut Vec<Bytes>| {
+        head.clear();
         let r = broflake_proto::packet_size::check_fits(label, packet.len(), max_frame)
-            .and_then(|()| session.send_data(&cfg, label, packet, tx));
-        if let Err(broflake_proto::DataRefused::TooLarge { .. }) = r {
-            stats.packets_too_large.fetch_add(1, Ordering::Relaxed);
+            .and_then(|()| session.send_data_header(&cfg, label, packet.len(), &mut head));
+        match r {
+            Ok(()) => {
+                if heads.capacity() < head.len() {
+                    // Headers share blocks: one allocation per few hundred frames.
+                    heads.reserve(4096);
+                }
+                heads.extend_from_slice(&head);
+                parts.push(heads.split().freeze());
+                let added = head.len() + packet.len();
+                parts.push(packet);
+                added
+            }
+            Err(broflake_proto::DataRefused::TooLarge { .. }) => {
+                stats.packets_too_large.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+            Err(_) => 0,
         }
     };
     loop {
@@ -493,20 +514,17 @@ pub(crate) async fn serve_downstream(
             .map(|t| tokio::time::Instant::from_std(clock.instant(t)))
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let mut end = None;
-        let mut data_only = false;
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {
                 if let Err(c) = session.on_timeout(&cfg, now(), &mut tx) { end = Some(c) }
             }
             cmd = rx_cmd.recv() => match cmd {
                 Some(DownCmd::Data { label, packet }) => {
-                    data_only = true;
-                    send_data(&session, label, &packet, &mut tx);
-                    while tx.len() < coalesce {
+                    let mut len = push_data(&session, label, packet, &mut parts);
+                    while len < coalesce {
                         match rx_cmd.try_recv() {
-                            Ok(DownCmd::Data { label, packet }) => send_data(&session, label, &packet, &mut tx),
+                            Ok(DownCmd::Data { label, packet }) => len += push_data(&session, label, packet, &mut parts),
                             Ok(DownCmd::RouteClose { label, code }) => {
-                                data_only = false;
                                 session.close_route(label, code, &mut tx);
                             }
                             Err(_) => break,
@@ -548,8 +566,12 @@ pub(crate) async fn serve_downstream(
                 if let Err(c) = r { end = Some(c) }
             }
         }
+        if !parts.is_empty() {
+            pipe.send_data_parts(&parts).await.map_err(anyhow::Error::msg)?;
+            parts.clear();
+        }
         if !tx.is_empty() {
-            pipe.send(Bytes::from(std::mem::take(&mut tx)), data_only).await.map_err(anyhow::Error::msg)?;
+            pipe.send(Bytes::from(std::mem::take(&mut tx)), false).await.map_err(anyhow::Error::msg)?;
         }
         if let Some(c) = end {
             pipe.close(c.close_code(), c.reason.to_string()).await;

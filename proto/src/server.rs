@@ -586,15 +586,33 @@ impl ServerSession {
         packet: &[u8],
         tx: &mut Vec<u8>,
     ) -> Result<(), DataRefused> {
+        self.check_data(cfg, label, packet.len())?;
+        frame::encode_data(label, packet, tx);
+        Ok(())
+    }
+
+    /// As [`Self::send_data`], but appends only the DATA frame's header: the caller sends the
+    /// packet's `packet_len` bytes right after it (without copying them into `tx`).
+    pub fn send_data_header(
+        &self,
+        cfg: &ServerConfig,
+        label: u64,
+        packet_len: usize,
+        tx: &mut Vec<u8>,
+    ) -> Result<(), DataRefused> {
+        self.check_data(cfg, label, packet_len)?;
+        frame::encode_data_header(label, packet_len, tx);
+        Ok(())
+    }
+
+    fn check_data(&self, cfg: &ServerConfig, label: u64, packet_len: usize) -> Result<(), DataRefused> {
         if !self.is_open() {
             return Err(DataRefused::NotOpen);
         }
         if !self.routes.contains(label) {
             return Err(DataRefused::NoRoute(label));
         }
-        packet_size::check_fits(label, packet.len(), self.max_frame_size(cfg))?;
-        frame::encode_data(label, packet, tx);
-        Ok(())
+        packet_size::check_fits(label, packet_len, self.max_frame_size(cfg))
     }
 
     /// Appends a grease frame (callers do this now and then on outgoing messages).

@@ -886,3 +886,30 @@ fn a_packet_above_the_frame_limit_is_refused_and_the_link_lives_on() {
     assert!(p.client.is_open() && p.server.is_open());
     assert_eq!(p.client.send_data(label + 1, b"x", &mut tx), Err(DataRefused::NoRoute(label + 1)));
 }
+
+#[test]
+fn a_data_header_and_its_packet_are_the_data_frame() {
+    let mut p = Pair::connected();
+    let label = p.client.open_route().unwrap();
+    p.client_send(|c, tx| assert!(c.send_data(label, b"open", tx).is_ok()));
+    let cfg = p.scfg.clone();
+    let packet = vec![7u8; 1200];
+    let (mut whole, mut head) = (Vec::new(), Vec::new());
+    p.server.send_data(&cfg, label, &packet, &mut whole).unwrap();
+    p.server.send_data_header(&cfg, label, packet.len(), &mut head).unwrap();
+    head.extend_from_slice(&packet);
+    assert_eq!(head, whole);
+    // The same refusals as the whole frame: no route, too large.
+    let mut none = Vec::new();
+    assert_eq!(
+        p.server.send_data_header(&cfg, label + 1, 1, &mut none),
+        p.server.send_data(&cfg, label + 1, b"x", &mut none)
+    );
+    let huge = vec![0u8; 1 << 20];
+    assert!(p.server.send_data_header(&cfg, label, huge.len(), &mut none).is_err());
+    assert_eq!(
+        p.server.send_data_header(&cfg, label, huge.len(), &mut none),
+        p.server.send_data(&cfg, label, &huge, &mut none)
+    );
+    assert!(none.is_empty());
+}

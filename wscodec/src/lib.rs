@@ -5,6 +5,8 @@
 //! Frames are unmasked where they lie; a frame is copied only while it is incomplete (the
 //! partial-frame buffer exists only then), and a message only while fragmented.
 
+#[cfg(feature = "tokio")]
+pub mod io;
 pub mod upgrade;
 
 use broflake_proto::binding::Selected;

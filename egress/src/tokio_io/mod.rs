@@ -3,7 +3,6 @@
 //! registry's sweep.
 
 mod routes;
-mod write;
 
 pub use routes::RouteTable;
 
@@ -26,7 +25,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use write::{write_all_vectored, MAX_BATCH};
 
 /// Accepts connections on one listener until `stop` turns true.
 pub async fn serve(
@@ -387,12 +385,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// is flushed first, so nothing it queued on its own (a pong) can land inside this message.
     async fn send_batch(&mut self) -> bool {
         let len: usize = self.batch.iter().map(Bytes::len).sum();
-        let mut header = [0u8; wscodec::MAX_HEADER];
-        let header = wscodec::frame_header_into(0x2, len, &mut header);
         let (ws, batch) = (&mut self.ws, &self.batch);
         let write = async {
             ws.flush().await.map_err(std::io::Error::other)?;
-            write_all_vectored(ws.get_mut(), header, batch).await
+            wscodec::io::write_binary_message(ws.get_mut(), batch).await
         };
         let r = tokio::time::timeout(self.shared.config.limits.write_timeout, write).await;
         self.batch.clear();
@@ -584,3 +580,6 @@ fn ws_error(e: WsError) -> Option<WsClose> {
         _ => None,
     }
 }
+
+/// DATA frames in one message at most (bounds the batch's vector, not the message's bytes).
+const MAX_BATCH: usize = 64;
