@@ -321,15 +321,9 @@ async fn splice(
         if !early.is_empty() {
             send.write_all(&early).await?;
         }
-        tokio::io::copy(&mut r, &mut send).await?;
-        send.finish()?;
-        anyhow::Ok(())
+        broflake_tunnel::stream::tcp_to_quic(&mut r, &mut send).await
     };
-    let down = async {
-        tokio::io::copy(&mut recv, &mut w).await?;
-        w.shutdown().await?;
-        anyhow::Ok(())
-    };
+    let down = broflake_tunnel::stream::quic_to_tcp(&mut recv, &mut w);
     let (a, b) = tokio::join!(up, down);
-    a.and(b)
+    a.and(b).map(drop).map_err(anyhow::Error::from)
 }

@@ -8,7 +8,7 @@ use broflake_proto::proxy::{ProxyReply, ProxyRequest, ProxyStatus, MAX_HOST_LEN}
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Proxy settings.
@@ -185,45 +185,16 @@ where
     Err(last)
 }
 
-/// Size of the buffers destination reads land in; a new one is started when less than
-/// `DOWN_READ_MIN` is left, so a chunk quinn holds wastes at most that much of its buffer.
-const DOWN_READ_BUF: usize = 64 * 1024;
-const DOWN_READ_MIN: usize = 16 * 1024;
-
 async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream, early: Vec<u8>) {
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let up = async {
-        let mut n = early.len() as u64;
         if !early.is_empty() {
             tcp_w.write_all(&early).await?;
         }
-        // Chunks straight out of quinn's reassembly buffer: no copy into a buffer of ours.
-        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(std::io::Error::other)? {
-            tcp_w.write_all(&chunk.bytes).await?;
-            n += chunk.bytes.len() as u64;
-        }
-        tcp_w.shutdown().await?;
-        Ok::<u64, std::io::Error>(n)
+        let n = broflake_tunnel::stream::quic_to_tcp(&mut recv, &mut tcp_w).await?;
+        Ok::<u64, std::io::Error>(early.len() as u64 + n)
     };
-    let down = async {
-        // Reads land in shared buffers that quinn keeps as they are until acknowledged
-        // (`write_chunk`), instead of being copied into its send buffer.
-        let mut buf = bytes::BytesMut::new();
-        let mut n = 0u64;
-        loop {
-            if buf.capacity() - buf.len() < DOWN_READ_MIN {
-                buf.reserve(DOWN_READ_BUF);
-            }
-            let k = tcp_r.read_buf(&mut buf).await?;
-            if k == 0 {
-                break;
-            }
-            send.write_chunk(buf.split().freeze()).await.map_err(std::io::Error::other)?;
-            n += k as u64;
-        }
-        send.finish().map_err(std::io::Error::other)?;
-        Ok::<u64, std::io::Error>(n)
-    };
+    let down = broflake_tunnel::stream::tcp_to_quic(&mut tcp_r, &mut send);
     // Each direction is counted as soon as it ends (the other may stay open for long).
     let up = async {
         let r = up.await;

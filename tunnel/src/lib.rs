@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 pub mod settings;
+pub mod stream;
 
 /// Where quinn's outgoing datagrams go. Implementations look the destination up in their
 /// route table and queue the packet without blocking; a packet they cannot queue is dropped
