@@ -11,17 +11,7 @@
 set -euo pipefail
 BIN=${1:?usage: slab-by-cache.sh RELEASE_DIR CONNECTIONS}
 N=${2:-9000}
-NS=bf-slab-$$
-DIR=$(mktemp -d)
-SERVER=
-cleanup() {
-    [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
-    ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-ip netns add "$NS"
-ip netns exec "$NS" ip link set lo up
+. "$(dirname "$0")/netns.sh" bf-slab
 snap() { awk 'NR > 2 { print $1, $3 * $4 }' /proc/slabinfo | sort; }
 
 measure() { # ROW

@@ -9,22 +9,12 @@ set -euo pipefail
 BIN=${1:?usage: xdp-map-memory.sh EGRESS_BIN CONNECTIONS}
 N=${2:-10000}
 LOADGEN=${LOADGEN:-target/release/loadgen}
-NS=bf-mapmem-$$
-DIR=$(mktemp -d)
-EGRESS=
-cleanup() {
-    [ -n "$EGRESS" ] && kill "$EGRESS" 2>/dev/null && wait "$EGRESS" 2>/dev/null
-    ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-ip netns add "$NS"
-ip netns exec "$NS" ip link set lo up
+. "$(dirname "$0")/netns.sh" bf-mapmem
 ip netns exec "$NS" "$BIN" --ws 127.0.0.1:8080 --no-wss --admin off --state-dir "$DIR/state" \
     >"$DIR/out" 2>"$DIR/err" &
-EGRESS=$!
+SERVER=$!
 for _ in $(seq 100); do grep -q "certificate sha256" "$DIR/out" 2>/dev/null && break; sleep 0.1; done
-PID=$(pgrep -P "$EGRESS" -x egress || echo "$EGRESS")
+PID=$(pgrep -P "$SERVER" -x egress || echo "$SERVER")
 
 # The hash map (type 1) with the most entries is the flow map.
 show() {
