@@ -84,7 +84,10 @@ impl Pipe {
             Pipe::Ws(ws) => {
                 // Tungstenite's own queued bytes (a pong) go first, never inside this message.
                 ws.flush().await.map_err(|e| e.to_string())?;
-                broflake_wscodec::io::write_binary_message(ws.get_mut(), parts).await.map_err(|e| e.to_string())
+                broflake_wscodec::io::write_binary_message(ws.get_mut(), parts)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             }
             Pipe::Rtc(_) => self.send(Bytes::from(parts.concat()), true).await,
         }

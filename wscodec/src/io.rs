@@ -17,8 +17,9 @@ use tokio::io::AsyncWrite;
 /// I/O vectors per `writev` at most (a message of more pieces takes several).
 const IOV: usize = 64;
 
-/// Writes one final, unmasked binary message (a server's) whose payload is `parts` in order.
-pub async fn write_binary_message<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, parts: &[Bytes]) -> io::Result<()> {
+/// Writes one final, unmasked binary message (a server's) whose payload is `parts` in order;
+/// returns the payload's length.
+pub async fn write_binary_message<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, parts: &[Bytes]) -> io::Result<usize> {
     let len: usize = parts.iter().map(Bytes::len).sum();
     let mut h = [0u8; MAX_HEADER];
     let head: &[u8] = frame_header_into(0x2, len, &mut h);
@@ -35,7 +36,7 @@ pub async fn write_binary_message<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, par
                 Poll::Pending => return Poll::Pending,
             }
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(len))
     })
     .await
 }
@@ -121,7 +122,7 @@ mod tests {
         want.extend_from_slice(&payload);
         for max in [1, 2, 7, 64, 100_000] {
             let mut w = Trickle { out: Vec::new(), max };
-            block_on(write_binary_message(&mut w, &parts)).unwrap();
+            assert_eq!(block_on(write_binary_message(&mut w, &parts)).unwrap(), payload.len());
             assert_eq!(w.out, want, "max {max}");
         }
     }

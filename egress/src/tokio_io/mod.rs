@@ -384,7 +384,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// its write buffer (a quarter of the backend's samples in a download). Tungstenite's buffer
     /// is flushed first, so nothing it queued on its own (a pong) can land inside this message.
     async fn send_batch(&mut self) -> bool {
-        let len: usize = self.batch.iter().map(Bytes::len).sum();
         let (ws, batch) = (&mut self.ws, &self.batch);
         let write = async {
             ws.flush().await.map_err(std::io::Error::other)?;
@@ -392,7 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         let r = tokio::time::timeout(self.shared.config.limits.write_timeout, write).await;
         self.batch.clear();
-        self.sent(len, r)
+        self.sent(r)
     }
 
     /// Sends what the session wrote, within the write timeout.
@@ -403,12 +402,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let msg = Message::Binary(Bytes::from(std::mem::take(&mut self.tx)));
         let len = msg.len();
         let r = tokio::time::timeout(self.shared.config.limits.write_timeout, self.ws.send(msg)).await;
-        self.sent(len, r.map(|r| r.map_err(std::io::Error::other)))
+        self.sent(r.map(|r| r.map(|()| len).map_err(std::io::Error::other)))
     }
 
-    fn sent(&mut self, len: usize, r: Result<std::io::Result<()>, tokio::time::error::Elapsed>) -> bool {
+    /// Counts a message sent (`Ok(Ok(bytes))`), or says why the connection ends.
+    fn sent(&mut self, r: Result<std::io::Result<usize>, tokio::time::error::Elapsed>) -> bool {
         match r {
-            Ok(Ok(())) => {
+            Ok(Ok(len)) => {
                 metrics::counter!(m::BYTES_SENT).increment(len as u64);
                 true
             }
